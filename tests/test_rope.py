@@ -1,0 +1,95 @@
+import math
+
+import pytest
+import torch
+
+import rope
+
+
+def rotate(x, pos, inv_freq, attn_factor=1.0):
+    cos, sin = rope.cos_sin(pos, inv_freq, attn_factor)
+    return rope.apply_rotary(x, cos[:, None], sin[:, None])
+
+
+def test_score_depends_only_on_relative_position():
+    torch.manual_seed(0)
+    d = 16
+    inv = rope.base_inv_freq(d, 500.0)
+    q, k = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
+    def score(m, n):
+        return (rotate(q, torch.tensor([[m]]), inv) * rotate(k, torch.tensor([[n]]), inv)).sum().item()
+    for delta in (0, 3, 17, 100):
+        ref = score(delta, 0)
+        for shift in (1, 50, 977):
+            assert score(shift + delta, shift) == pytest.approx(ref, rel=1e-4, abs=1e-4)
+    assert abs(score(5, 0) - score(9, 0)) > 1e-3  # and it does depend on m - n
+
+
+def test_half_split_equals_complex_multiplication():
+    torch.manual_seed(1)
+    d, T = 8, 11
+    inv = rope.base_inv_freq(d, 10000.0)
+    x = torch.randn(2, 3, T, d)
+    pos = torch.arange(T).expand(2, T) * 7
+    out = rotate(x, pos, inv)
+    z = torch.complex(x[..., : d // 2].double(), x[..., d // 2:].double())
+    angles = pos[:, None, :, None].double() * inv.double()
+    ref = z * torch.polar(torch.ones_like(angles), angles)
+    assert torch.allclose(out[..., : d // 2].double(), ref.real, atol=1e-4)
+    assert torch.allclose(out[..., d // 2:].double(), ref.imag, atol=1e-4)
+
+
+@pytest.mark.parametrize("rule", ["pi", "ntk", "yarn"])
+def test_scaling_rules_at_scale_one_are_identity(rule):
+    d, theta = 16, 300.0
+    base = rope.base_inv_freq(d, theta)
+    inv, factor = rope.frequencies({"rule": rule, "theta": theta, "scale": 1.0, "original_len": 64}, d)
+    assert torch.allclose(inv, base) and factor == 1.0
+
+
+def test_scaling_rules_stretch_the_slowest_pair_by_scale():
+    d, theta, s = 16, 300.0, 4.0
+    base = rope.base_inv_freq(d, theta)
+    for rule in ("pi", "ntk"):
+        inv, _ = rope.frequencies({"rule": rule, "theta": theta, "scale": s}, d)
+        assert inv[-1].item() == pytest.approx(base[-1].item() / s, rel=1e-5)
+    inv, _ = rope.frequencies({"rule": "ntk", "theta": theta, "scale": s}, d)
+    assert inv[0].item() == pytest.approx(1.0)  # NTK keeps the fastest pair
+    inv, factor = rope.yarn(d, theta, s, original_len=64)
+    assert factor == pytest.approx(0.1 * math.log(s) + 1)
+    turns = 64 * base.double() / (2 * math.pi)
+    assert torch.allclose(inv[turns >= 32], base[turns >= 32])  # fast pairs untouched
+    assert torch.allclose(inv[turns <= 1], base[turns <= 1] / s)  # slow pairs interpolated
+
+
+def test_yarn_needs_the_original_length():
+    with pytest.raises(ValueError):
+        rope.yarn(16, 100.0, 4.0, original_len=0)
+
+
+@pytest.mark.parametrize("d,L", [(16, 64), (16, 256), (32, 1024), (64, 8192)])
+def test_phasewise_rule_slowest_pair_turns_once_over_the_window(d, L):
+    theta = rope.phasewise_theta(d, L)
+    inv = rope.base_inv_freq(d, theta)
+    assert rope.wavelengths(inv)[-1].item() == pytest.approx(L, rel=1e-5)
+    # a longer window gets a larger base (phase-wise scaling grows theta)
+    assert rope.phasewise_theta(d, 4 * L) > theta
+    assert rope.phasewise_theta(d, L, turns=0.25) > theta
+
+
+def test_schedule_per_rule():
+    d = 16
+    t1 = rope.phasewise_theta(d, 64)
+    assert rope.schedule("fixed", d, 256, 64, t1)["theta"] == t1
+    assert rope.schedule("phasewise", d, 256, 64, t1)["theta"] == pytest.approx(rope.phasewise_theta(d, 256))
+    y = rope.schedule("yarn", d, 256, 64, t1)
+    assert y["scale"] == 4 and y["original_len"] == 64 and y["theta"] == t1
+    with pytest.raises(ValueError):
+        rope.schedule("nope", d, 256, 64, t1)
+
+
+def test_angles_are_float32_even_in_bf16_models():
+    inv = rope.base_inv_freq(16, 10000.0)
+    cos, sin = rope.cos_sin(torch.tensor([[257, 4097]]), inv)
+    assert cos.dtype == torch.float32
+    assert cos[0, 0, 0].item() == pytest.approx(math.cos(257.0), abs=1e-5)
