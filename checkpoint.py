@@ -1,0 +1,71 @@
+"""
+Checkpoints: written atomically, loaded without ever executing pickled code.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so that
+`torch.load(..., weights_only=True)` can read it: a file carrying a pickled object of any
+other kind is refused before anything in it runs.  Writes go to a temporary file in the
+same folder, are flushed to disk, then renamed over the target: a crash at any moment
+leaves either the old file or the new one, never half a file.
+"""
+
+import os
+import pickle
+
+import torch
+
+from data import Vocab
+from model import GPT, GPTConfig
+
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A missing, unreadable, unsafe or incompatible checkpoint (reported in one line)."""
+
+
+def save(path, obj):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({"format": FORMAT, **obj}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load(path):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds objects a safe load refuses (not a checkpoint of this project?): {str(e).splitlines()[0][:120]}") from None
+    except Exception as e:  # truncated file, not a zip, wrong magic number, ...
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT or "model" not in ck:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (format {FORMAT})")
+    return ck
+
+
+def build_model(ck, device="cpu"):
+    cfg = GPTConfig(**ck["model_config"])
+    model = GPT(cfg)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"weights do not match the stored model config: {str(e).splitlines()[0][:160]}") from None
+    return model.to(device)
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode, its Vocab, the checkpoint dict)."""
+    ck = load(path)
+    model = build_model(ck, device)
+    model.eval()
+    return model, Vocab.from_state(ck["vocab"]), ck

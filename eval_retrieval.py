@@ -1,0 +1,210 @@
+"""
+Passkey retrieval (Mohtashami & Jaggi 2023; the YaRN / LongLoRA / EasyContext eval) on one or
+many checkpoints side by side.
+
+    python eval_retrieval.py out/phase0.pt out/phase1.pt out/phase2.pt
+
+The prompt is the classic one: an instruction, repeated filler ("The grass is green. ..."),
+"The pass key is K. Remember it. K is the pass key." at an explicit depth, more filler, and
+"What is the pass key? The pass key is" followed by K.  The haystack is sized in tokens, so a
+prompt of length L is exactly L tokens.  Score = teacher-forced exact match: one forward pass,
+and a prompt counts as retrieved only if the argmax at every answer position is the right key
+token (BPE splits a 5-digit key into 2-3 pieces).  --greedy also decodes the answer.
+
+Every model sees the very same prompts (keys drawn from --seed).  Output: a length x depth
+table and a key-distance table on stdout, all records as JSON (--json), and a heatmap PNG
+when matplotlib is installed (--png).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+import data
+
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def default_lengths(window, shortest=64):
+    """Powers of two from `shortest` up to twice the window."""
+    return [shortest * 2 ** i for i in range(int(math.log2(2 * window / shortest)) + 1)]
+
+
+def _prompts(length, depths, n, seed, digits):
+    """n prompts per depth, identical for every model: (tokens, answer_start, needle_key_start, depth)."""
+    rng = np.random.default_rng([seed, length])
+    out = []
+    for depth in depths:
+        for _ in range(n):
+            tokens, answer, needle = data.eval_prompt(length, depth, data.random_key(rng, digits))
+            out.append((tokens, answer, needle, depth))
+    return out
+
+
+@torch.no_grad()
+def passkey(model, vocab, lengths, depths=DEPTHS, n=10, seed=1234, digits=5, greedy=False, batch_tokens=16384, device="cpu"):
+    """Records {length, depth, distance, correct[, greedy]} for every prompt."""
+    model.eval()
+    records = []
+    for length in lengths:
+        prompts = _prompts(length, depths, n, seed, digits)
+        rows = max(1, batch_tokens // length)
+        for i in range(0, len(prompts), rows):
+            chunk = prompts[i:i + rows]
+            idx = torch.from_numpy(np.stack([vocab(p[0]) for p in chunk]))  # eval_prompt: exactly `length` tokens
+            pos = torch.arange(length).expand(len(chunk), length)
+            logits = model(idx.to(device), pos.to(device)).cpu()
+            pred = logits.argmax(-1)
+            for r, (tokens, answer, needle, depth) in enumerate(chunk):
+                want = torch.from_numpy(vocab(tokens[answer:]))
+                got = pred[r, answer - 1: length - 1]
+                rec = {"length": length, "depth": depth, "distance": int(answer - needle),
+                       "correct": bool((got == want).all())}
+                if greedy:
+                    rec["greedy"] = _greedy(model, idx[r:r + 1, :answer], length - answer, device) == want.tolist()
+                records.append(rec)
+    return records
+
+
+def _greedy(model, prompt, steps, device):
+    """Greedy decoding of `steps` tokens after the prompt (no KV cache: prompts are short here)."""
+    seq = prompt.to(device)
+    for _ in range(steps):
+        pos = torch.arange(seq.shape[1], device=device)[None]
+        nxt = model(seq, pos)[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    return seq[0, prompt.shape[1]:].tolist()
+
+
+def accuracy(records, key="correct", **match):
+    sel = [r[key] for r in records if all(r[k] == v for k, v in match.items())]
+    return sum(sel) / len(sel) if sel else float("nan")
+
+
+def distance_buckets(short_len, longest):
+    """Key-distance buckets: below the short window, up to 4x it, and beyond (the 'long' range)."""
+    edges = [0, short_len, 4 * short_len, max(longest, 4 * short_len + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def by_distance(records, buckets, key="correct"):
+    out = {}
+    for lo, hi in buckets:
+        sel = [r[key] for r in records if lo <= r["distance"] < hi]
+        out[f"{lo}-{hi}"] = sum(sel) / len(sel) if sel else None
+    return out
+
+
+def format_table(names, results, lengths, depths):
+    """One row per (model, length): accuracy at each depth and the mean."""
+    head = f"{'model':<24}{'length':>7} " + " ".join(f"{'d=' + format(d, 'g'):>7}" for d in depths) + f"{'mean':>7}"
+    lines = [head, "-" * len(head)]
+    for name, recs in zip(names, results):
+        for L in lengths:
+            accs = [accuracy(recs, length=L, depth=d) for d in depths]
+            lines.append(f"{name[-24:]:<24}{L:>7} " + " ".join(f"{a:>7.2f}" for a in accs) + f"{accuracy(recs, length=L):>7.2f}")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def text_loss_by_position(model, vocab, corpus, window, n_windows=16, buckets=4, seed=0, device="cpu"):
+    """Mean next-token loss on held-out contiguous text, per quarter (bucket) of the window."""
+    model.eval()
+    rng = np.random.default_rng(seed)
+    toks = np.stack([data.text_doc(corpus, rng, window + 1, "val") for _ in range(n_windows)])
+    idx = torch.from_numpy(vocab(toks))
+    pos = torch.arange(window).expand(n_windows, window)
+    logits = model(idx[:, :-1].to(device), pos.to(device)).cpu()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), idx[:, 1:], reduction="none")
+    nll = nll[:, 1:]  # skip predicting from BOS alone
+    return [float(c.mean()) for c in nll.chunk(buckets, dim=1)]
+
+
+def save_heatmap(path, names, results, lengths, depths):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no heatmap: pip install matplotlib to get a PNG)")
+        return
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
+    for ax, name, recs in zip(axes[0], names, results):
+        grid = np.array([[accuracy(recs, length=L, depth=d) for L in lengths] for d in depths])
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+        ax.set_title(os.path.basename(name), fontsize=8)
+        ax.set_xlabel("prompt length (tokens)", fontsize=7)
+    axes[0][0].set_ylabel("needle depth", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"heatmap -> {path}")
+
+
+def main(argv=None):
+    import checkpoint  # local import: keeps this module importable without the training code
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpts", nargs="+", help="checkpoint files (phaseN.pt) to compare")
+    p.add_argument("--lengths", type=str, default=None, help="comma-separated prompt lengths in tokens (default: 64 .. 2x the largest window)")
+    p.add_argument("--depths", type=str, default=",".join(map(str, DEPTHS)), help="comma-separated needle depths in [0, 1]")
+    p.add_argument("--n", type=int, default=20, help="prompts per (length, depth) cell")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the keys (same prompts for every model)")
+    p.add_argument("--greedy", action="store_true", help="also score greedy decoding of the answer")
+    p.add_argument("--json", type=str, default=None, help="write all records here")
+    p.add_argument("--png", type=str, default=None, help="write a heatmap here (needs matplotlib)")
+    p.add_argument("--device", type=str, default="cpu")
+    args = p.parse_args(argv)
+    try:
+        depths = [float(x) for x in args.depths.split(",")]
+        if not all(0 <= d <= 1 for d in depths) or args.n < 1:
+            raise ValueError
+    except ValueError:
+        sys.exit(_fail("--depths must be numbers in [0, 1] and --n >= 1"))
+    loaded = []
+    for path in args.ckpts:
+        try:
+            loaded.append(checkpoint.load_model(path, args.device))
+        except checkpoint.CheckpointError as e:
+            sys.exit(_fail(str(e)))
+    windows = [ck["window"] for _, _, ck in loaded]
+    digits = loaded[0][2]["key_digits"]
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else default_lengths(max(windows))
+        results = [passkey(m, v, lengths, depths, args.n, args.seed, digits, args.greedy, device=args.device) for m, v, _ in loaded]
+    except (ValueError, data.DataError) as e:
+        sys.exit(_fail(str(e)))
+    names = [os.path.relpath(p) for p in args.ckpts]
+    print(f"passkey retrieval, teacher-forced exact match ({args.n} prompts per cell)")
+    print(format_table(names, results, lengths, depths))
+    short = min(ck["short_len"] for _, _, ck in loaded)
+    buckets = distance_buckets(short, max(lengths))
+    print(f"\nby key distance (tokens between the needle's key and the answer):")
+    print(f"{'model':<24}" + "".join(f"{f'{lo}-{hi}':>12}" for lo, hi in buckets))
+    for name, recs in zip(names, results):
+        accs = by_distance(recs, buckets)
+        print(f"{name[-24:]:<24}" + "".join(f"{'-' if a is None else format(a, '.2f'):>12}" for a in accs.values()))
+    if args.greedy:
+        for name, recs in zip(names, results):
+            print(f"{name}: greedy decoding accuracy {accuracy(recs, 'greedy'):.2f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"lengths": lengths, "depths": depths, "n": args.n, "seed": args.seed,
+                       "models": {n: {"window": w, "records": r} for n, w, r in zip(names, windows, results)}}, fh)
+        print(f"records -> {args.json}")
+    if args.png:
+        save_heatmap(args.png, names, results, lengths, depths)
+
+
+def _fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""A tiny end-to-end run of phases 0 -> 2 (seconds), its checkpoints reloaded and evaluated."""
+import json
+import os
+
+import pytest
+import torch
+
+import checkpoint
+import distill
+import eval_retrieval
+
+TINY = ["--teacher_layers", "2", "--teacher_heads", "2", "--teacher_embd", "32", "--teacher_window", "128",
+        "--teacher_steps", "4", "--teacher_batch", "2", "--student_layers", "1", "--student_heads", "2",
+        "--student_embd", "16", "--short_len", "48", "--growth", "2", "--steps", "3", "--batch", "4",
+        "--eval_n", "1", "--key_digits", "3", "--vocab_size", "1200", "--warmup", "1", "--ckpt_every", "2",
+        "--log_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_corpus_dir):
+    out = str(tmp_path_factory.mktemp("run"))
+    assert distill.main(["--phase", "2", "--out", out, "--data", tiny_corpus_dir, *TINY]) == 0
+    return out
+
+
+def test_phase2_trains_missing_prerequisites_and_writes_everything(run):
+    for k in (0, 1, 2):
+        assert os.path.exists(os.path.join(run, f"phase{k}.pt"))
+        assert not os.path.exists(os.path.join(run, f"phase{k}.partial.pt"))
+        log = [json.loads(line) for line in open(os.path.join(run, f"phase{k}.jsonl"))]
+        assert [r["step"] for r in log] == list(range(1, len(log) + 1)) and all(r["loss"] > 0 for r in log)
+        ev = json.load(open(os.path.join(run, f"phase{k}.eval.json")))
+        assert ev["phase"] == k and len(ev["records"]) > 0
+
+
+def test_checkpoints_reload_with_their_phase_settings(run):
+    teacher, tv, t = checkpoint.load_model(os.path.join(run, "phase0.pt"))
+    s1, v1, c1 = checkpoint.load_model(os.path.join(run, "phase1.pt"))
+    s2, v2, c2 = checkpoint.load_model(os.path.join(run, "phase2.pt"))
+    assert tv == v1 == v2
+    assert (t["window"], c1["window"], c2["window"]) == (128, 48, 96)
+    assert c1["lineage"].startswith("scratch") and c2["lineage"].endswith("phase1.pt")
+    assert c2["model_config"]["rope"]["theta"] > c1["model_config"]["rope"]["theta"]  # phase-wise base grew
+    # phase 2 started from phase 1's weights and moved away from them
+    moved = [(a - b).abs().max().item() for a, b in zip(s1.state_dict().values(), s2.state_dict().values())]
+    assert max(moved) > 0
+    recs = eval_retrieval.passkey(s2, v2, [64], n=1, digits=3)
+    assert len(recs) == 5 and all(isinstance(r["correct"], bool) for r in recs)
+
+
+def test_finished_phase_is_not_retrained(run, tiny_corpus_dir, capsys):
+    path = os.path.join(run, "phase1.pt")
+    before = open(path, "rb").read()
+    assert distill.main(["--phase", "1", "--out", run, "--data", tiny_corpus_dir, *TINY]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert open(path, "rb").read() == before
+
+
+def test_eval_cli_compares_checkpoints(run, tmp_path, capsys):
+    js = str(tmp_path / "r.json")
+    eval_retrieval.main([os.path.join(run, f"phase{k}.pt") for k in (0, 1, 2)] + ["--lengths", "64,128", "--n", "1", "--json", js])
+    out = capsys.readouterr().out
+    assert out.count("phase0.pt") >= 2 and "by key distance" in out
+    assert len(json.load(open(js))["models"]) == 3
+
+
+def test_step_shape_shrinks_rows_only_under_the_teachers_curriculum(tiny_corpus):
+    import data
+    teacher = data.DocSampler(tiny_corpus, 40, 512, curriculum=0.6)
+    teacher.progress = 0.0
+    assert distill.step_shape(teacher, 512, 8) == (64, 64)  # short documents: short rows, same tokens
+    teacher.progress = 1.0
+    assert distill.step_shape(teacher, 512, 8) == (512, 8)
+    student = data.DocSampler(tiny_corpus, 16, 64)  # short documents packed into the long window
+    assert distill.step_shape(student, 256, 8) == (256, 8)
