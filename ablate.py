@@ -1,0 +1,275 @@
+"""
+The ablation matrix of the paper's headline claim, at toy scale (arXiv 2604.06070, findings 1-2):
+does a student trained only on short documents packed into a long window retrieve far beyond
+its documents after logit distillation -- and better than its cross-entropy twin?
+
+    python ablate.py                      # teacher + phase 1 + every variant x seed, then evaluate
+    python ablate.py --report             # print the README table from results/ablation.json
+
+From ONE teacher and ONE phase-1 student, each variant runs the extension phase on the same
+short packed data and is evaluated the same way:
+  * passkey retrieval (eval_retrieval.py) from the short window to twice the extended window,
+    summarised by key distance (tokens between the needle's key and the answer);
+  * held-out text loss by quarter of the extended window (perplexity vs position);
+  * the transfer-channel diagnostic: what the teacher's soft targets on this packed data
+    carry about context outside the current document -- KD cannot transfer more than that.
+Results go to results/ablation.json (small, committed); --report turns it into the table.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+import checkpoint
+import data
+import distill
+import eval_retrieval
+
+# name: distill.py flags of the extension phase (everything else is shared)
+VARIANTS = {
+    "kd":         [],                                        # the method: KD, phase-wise base, cross-document
+    "ce":         ["--loss", "ce"],                          # its cross-entropy twin on the very same data
+    "kd+ce":      ["--loss", "mix", "--mix", "0.5"],
+    "kd-fixed":   ["--rope", "fixed"],                       # phase 1's base kept
+    "kd-yarn":    ["--rope", "yarn"],                        # phase 1's base, YaRN-stretched
+    "kd-docmask": ["--packing", "doc_mask"],                 # attention only within each document
+    "ce-docmask": ["--loss", "ce", "--packing", "doc_mask"],
+    "ce-long":    ["--loss", "ce", "--data_mode", "long"],   # upper reference: long documents (what the method avoids)
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/ablation", help="folder of all runs")
+    p.add_argument("--results", default="results/ablation.json", help="where the summary JSON goes")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    p.add_argument("--seeds", type=int, default=2, help="extension-phase seeds per variant")
+    p.add_argument("--teacher", default=None, help="reuse this teacher (default: OUT/shared/phase0.pt, trained if missing)")
+    p.add_argument("--init", default=None, help="reuse this phase-1 student (default: OUT/shared/phase1.pt, trained if missing)")
+    p.add_argument("--flags", default="", help="extra distill.py flags for every phase (a data design, e.g. '--snippets repeat')")
+    p.add_argument("--window", type=int, default=512, help="the extension phase's window")
+    p.add_argument("--steps", type=int, default=300, help="extension-phase steps per run")
+    p.add_argument("--batch", type=int, default=4, help="rows per extension step")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU thread each)")
+    p.add_argument("--n", type=int, default=10, help="passkey prompts per (length, depth) cell")
+    p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--report", action="store_true", help="only print the table of an existing results file")
+    return p.parse_args(argv)
+
+
+def distill_args(args, phase=2):
+    """The distill.py command line shared by every run (preset, design flags, the two windows)."""
+    flags = ["--preset", args.preset, *args.flags.split()]
+    short = distill.parse_args(["--phase", "1", *flags]).short_len
+    return ["--phase", str(phase), *flags, "--windows", f"{short},{args.window}"]  # parse_args checks the flags
+
+
+def distill_cmd(args, out, phase, extra=()):
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distill.py")
+    return [sys.executable, script, *distill_args(args, phase), "--out", out, *extra]
+
+
+def run(cmd, log, threads):
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    with open(log, "w") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+
+
+def train_all(args, names):
+    """Teacher and phase 1 (both threads), then every variant x seed (`jobs` at a time)."""
+    shared = os.path.join(args.out, "shared")
+    os.makedirs(shared, exist_ok=True)
+    teacher = args.teacher or os.path.join(shared, "phase0.pt")
+    init = args.init or os.path.join(shared, "phase1.pt")
+    if not os.path.exists(init):  # trains the teacher first if it is missing
+        print(f"training the shared teacher and phase-1 student in {shared} (log: {shared}/train.log)", flush=True)
+        extra = ["--teacher", teacher] if args.teacher else []
+        if run(distill_cmd(args, shared, 1, extra), os.path.join(shared, "train.log"), 2).wait():
+            sys.exit(f"error: shared phases failed, see {shared}/train.log")
+    queue = [(name, seed) for name in names for seed in range(args.seeds)]
+    running, done = [], []
+    t0 = time.time()
+    while queue or running:
+        while queue and len(running) < args.jobs:
+            name, seed = queue.pop(0)
+            out = os.path.join(args.out, f"{name}-s{seed}")
+            ckpt = os.path.join(out, "phase2.pt")
+            if os.path.exists(ckpt):
+                done.append((name, seed, ckpt))
+                continue
+            os.makedirs(out, exist_ok=True)
+            cmd = distill_cmd(args, out, 2, ["--teacher", teacher, "--init", init, "--seed", str(seed),
+                                             "--steps", str(args.steps), "--batch", str(args.batch),
+                                             "--eval_n", "2", *VARIANTS[name]])
+            running.append((name, seed, ckpt, run(cmd, os.path.join(out, "train.log"), 1)))
+        time.sleep(1)
+        for item in [r for r in running if r[3].poll() is not None]:
+            running.remove(item)
+            name, seed, ckpt, proc = item
+            if proc.returncode:
+                sys.exit(f"error: {name} seed {seed} failed, see {os.path.dirname(ckpt)}/train.log")
+            done.append((name, seed, ckpt))
+            print(f"  {name} seed {seed} done ({(time.time() - t0) / 60:.1f} min)", flush=True)
+    return teacher, init, done
+
+
+@torch.no_grad()
+def transfer_channel(teacher, vocab, sampler, window, short, rows=16, seed=0):
+    """
+    What KD can carry beyond a document, per quarter of the window: for the teacher on packed
+    short-document windows (continuous positions), compare its next-token distribution with
+    the full window (cross-document, what KD shows the student) against
+      doc  attention restricted to the current document (what the labels alone imply), and
+      near attention restricted to the last `short` tokens (any document).
+    KL(full || doc) is the whole channel; KL(full || near) is the part from far context.
+    Also: how often the top-1 token changes, and the teacher's NLL of the true token.
+    """
+    rng = np.random.default_rng(seed)
+    b = data.make_batch([data.pack(sampler, rng, window) for _ in range(rows)], vocab)
+    pos = data.positions_from_docs(b["doc"], "continuous")
+    T = window
+    t = torch.arange(T)
+    near_mask = ((t[:, None] - t[None, :] < short) & (t[None, :] <= t[:, None]))[None, None].expand(rows, 1, T, T)
+    logp = {name: torch.log_softmax(teacher(b["idx"], pos, m), -1)
+            for name, m in (("full", None), ("doc", b["doc"]), ("near", near_mask))}
+    valid = b["targets"] >= 0
+    tgt = b["targets"].clamp_min(0)[..., None]
+    quarters = torch.arange(T) * 4 // T
+    out = {}
+    for q in range(4):
+        sel = valid & (quarters == q)
+        kl = {k: float((logp["full"].exp() * (logp["full"] - logp[k])).sum(-1)[sel].mean()) for k in ("doc", "near")}
+        top1 = float((logp["full"].argmax(-1) != logp["doc"].argmax(-1))[sel].float().mean())
+        nll = {k: float(-logp[k].gather(-1, tgt)[..., 0][sel].mean()) for k in ("full", "doc")}
+        out[f"q{q + 1}"] = {"kl_full_doc": kl["doc"], "kl_full_near": kl["near"], "top1_changed": top1,
+                            "nll_full": nll["full"], "nll_doc": nll["doc"]}
+    return out
+
+
+def evaluate(model, vocab, corpus, lengths, n, window, digits):
+    recs = eval_retrieval.passkey(model, vocab, lengths, n=n, digits=digits)
+    return {"records": recs, "text_loss_by_quarter": eval_retrieval.text_loss_by_position(model, vocab, corpus, window)}
+
+
+def buckets_for(args):
+    s = args.short
+    return [(0, s), (s, 4 * s), (4 * s, args.window), (args.window, 2 * args.window + 1)]
+
+
+def long_acc(records, args):
+    """Mean exact match at key distances >= 4x the longest training document (the summary metric)."""
+    sel = [r["correct"] for r in records if r["distance"] >= 4 * args.short]
+    return sum(sel) / len(sel) if sel else None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.report:
+        return report(args.results)
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    try:
+        if unknown or args.seeds < 1 or args.jobs < 1:
+            raise distill.UsageError(f"unknown variants {unknown} (choose from {list(VARIANTS)}), or --seeds/--jobs < 1")
+        dargs = distill.parse_args(distill_args(args))
+    except distill.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.short = dargs.short_len
+    t0 = time.time()
+    teacher_path, init_path, done = train_all(args, names)
+    train_min = (time.time() - t0) / 60
+    print(f"training done in {train_min:.1f} min; evaluating", flush=True)
+    torch.set_num_threads(2)
+    corpus = data.load_corpus(dargs.data)
+    lengths = eval_retrieval.default_lengths(args.window, shortest=args.short)
+    teacher, vocab, tck = checkpoint.load_model(teacher_path)
+    student1, _, s1ck = checkpoint.load_model(init_path)
+    digits = tck["key_digits"]
+    cells = {"teacher": evaluate(teacher, vocab, corpus, lengths, args.n, args.window, digits),
+             "phase1": evaluate(student1, vocab, corpus, lengths, args.n, args.window, digits)}
+    kd_floor = {}
+    for name, seed, ckpt in done:
+        model, _, ck = checkpoint.load_model(ckpt)
+        cells[f"{name}-s{seed}"] = evaluate(model, vocab, corpus, lengths, args.n, args.window, digits)
+        kd_floor[f"{name}-s{seed}"] = ck["final_loss"]
+    sampler, _ = distill.sampler_for(dargs, corpus, 2, split="val")
+    channel = transfer_channel(teacher, vocab, sampler, args.window, args.short)
+    results = summarise(args, names, cells, kd_floor, channel, lengths, tck, s1ck, train_min, (time.time() - t0) / 60)
+    os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
+    with open(args.results, "w") as fh:
+        json.dump(results, fh, indent=1)
+    print(f"-> {args.results}")
+    report(args.results)
+    return 0
+
+
+def summarise(args, names, cells, kd_floor, channel, lengths, tck, s1ck, train_min, total_min):
+    buckets = buckets_for(args)
+    table = {}
+    for key, cell in cells.items():
+        table[key] = {"by_distance": eval_retrieval.by_distance(cell["records"], buckets),
+                      "long_acc": long_acc(cell["records"], args),
+                      "by_length": {L: eval_retrieval.accuracy(cell["records"], length=L) for L in lengths},
+                      "text_loss_by_quarter": cell["text_loss_by_quarter"],
+                      "final_loss_kd_ce": kd_floor.get(key)}
+
+    def long_accs(name):
+        return [table[k]["long_acc"] for k in table
+                if (k == name or k.rsplit("-s", 1)[0] == name) and table[k]["long_acc"] is not None]
+
+    def mean_of(name):
+        accs = long_accs(name)
+        return float(np.mean(accs)) if accs else None
+
+    variants = {}
+    for name in ["teacher", "phase1"] + names:
+        accs = long_accs(name)
+        variants[name] = {"long_acc_mean": mean_of(name), "long_acc_min": min(accs, default=None),
+                          "long_acc_max": max(accs, default=None), "flags": VARIANTS.get(name, []),
+                          "seeds": sum(1 for k in table if k == name or k.rsplit("-s", 1)[0] == name)}
+    return {
+        "command": "python ablate.py " + " ".join(sys.argv[1:]),
+        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "minutes": {"training": round(train_min, 1), "total": round(total_min, 1)},
+        "setup": {"short_len": args.short, "window": args.window, "steps": args.steps, "batch": args.batch,
+                  "seeds": args.seeds, "flags": args.flags, "lengths": lengths, "prompts_per_cell": args.n,
+                  "teacher": {"window": tck["window"], "config": tck["model_config"], "lineage": tck["lineage"]},
+                  "phase1": {"lineage": s1ck["lineage"], "final_loss_kd_ce": s1ck["final_loss"]},
+                  "distance_buckets": [f"{lo}-{hi}" for lo, hi in buckets]},
+        "summary": {"kd_long_acc": mean_of("kd"), "ce_long_acc": mean_of("ce"),
+                    "phasewise_long_acc": mean_of("kd"), "fixed_long_acc": mean_of("kd-fixed"),
+                    "long_distance_from": 4 * args.short},
+        "variants": variants,
+        "transfer_channel": channel,
+        "cells": table,
+    }
+
+
+def report(path):
+    with open(path) as fh:
+        r = json.load(fh)
+    b = r["setup"]["distance_buckets"]
+    print(f"\n{r['command']}  ({r['machine']}, {r['minutes']['total']} min)")
+    print("| run | " + " | ".join(f"key distance {x}" for x in b) + " | long (>= %d) | text loss by quarter |" % r["summary"]["long_distance_from"])
+    print("|---" * (len(b) + 3) + "|")
+    for key, cell in r["cells"].items():
+        accs = " | ".join("-" if a is None else f"{a:.2f}" for a in cell["by_distance"].values())
+        la = "-" if cell["long_acc"] is None else f"{cell['long_acc']:.2f}"
+        print(f"| {key} | {accs} | {la} | {' '.join(f'{x:.2f}' for x in cell['text_loss_by_quarter'])} |")
+    print("\nsummary:", json.dumps(r["summary"]))
+    print("transfer channel (teacher, packed short documents):")
+    for q, v in r["transfer_channel"].items():
+        print(f"  {q}: KL(full||doc) {v['kl_full_doc']:.4f}  KL(full||near) {v['kl_full_near']:.4f}  "
+              f"top-1 changed {v['top1_changed']:.3f}  NLL full {v['nll_full']:.3f} vs doc-only {v['nll_doc']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
