@@ -55,11 +55,12 @@ def parse_args(argv=None):
     p.add_argument("--flags", default="", help="extra distill.py flags for every phase (a data design, e.g. '--snippets repeat')")
     p.add_argument("--window", type=int, default=512, help="the extension phase's window")
     p.add_argument("--steps", type=int, default=300, help="extension-phase steps per run")
-    p.add_argument("--batch", type=int, default=4, help="rows per extension step")
+    p.add_argument("--batch", type=int, default=None, help="distill.py --batch (rows at the short window; default: the preset's)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU thread each)")
     p.add_argument("--n", type=int, default=10, help="passkey prompts per (length, depth) cell")
     p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--report", action="store_true", help="only print the table of an existing results file")
+    p.add_argument("--png", default=None, help="figure of the results (needs matplotlib; default: RESULTS with .png, '' = none)")
     return p.parse_args(argv)
 
 
@@ -105,8 +106,8 @@ def train_all(args, names):
                 continue
             os.makedirs(out, exist_ok=True)
             cmd = distill_cmd(args, out, 2, ["--teacher", teacher, "--init", init, "--seed", str(seed),
-                                             "--steps", str(args.steps), "--batch", str(args.batch),
-                                             "--eval_n", "2", *VARIANTS[name]])
+                                             "--steps", str(args.steps), "--eval_n", "2",
+                                             *(["--batch", str(args.batch)] if args.batch else []), *VARIANTS[name]])
             running.append((name, seed, ckpt, run(cmd, os.path.join(out, "train.log"), 1)))
         time.sleep(1)
         for item in [r for r in running if r[3].poll() is not None]:
@@ -170,8 +171,10 @@ def long_acc(records, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.png is None:
+        args.png = os.path.splitext(args.results)[0] + ".png"
     if args.report:
-        return report(args.results)
+        return report(args.results, args.png)
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     try:
@@ -206,7 +209,7 @@ def main(argv=None):
     with open(args.results, "w") as fh:
         json.dump(results, fh, indent=1)
     print(f"-> {args.results}")
-    report(args.results)
+    report(args.results, args.png)
     return 0
 
 
@@ -252,7 +255,36 @@ def summarise(args, names, cells, kd_floor, channel, lengths, tck, s1ck, train_m
     }
 
 
-def report(path):
+def plot(r, png):
+    """Left: passkey accuracy by key distance (mean over seeds, bars = min..max); right: text loss by quarter."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no figure: pip install matplotlib to get a PNG)")
+        return
+    buckets = r["setup"]["distance_buckets"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in r["variants"]:
+        keys = [k for k in r["cells"] if k == name or k.rsplit("-s", 1)[0] == name]
+        acc = np.array([[np.nan if v is None else v for v in r["cells"][k]["by_distance"].values()] for k in keys])
+        loss = np.array([r["cells"][k]["text_loss_by_quarter"] for k in keys])
+        mean = np.nanmean(acc, 0)
+        ax1.errorbar(range(len(buckets)), mean, yerr=[mean - np.nanmin(acc, 0), np.nanmax(acc, 0) - mean],
+                     marker="o", capsize=3, label=name)
+        ax2.plot(range(1, 5), loss.mean(0), marker="o", label=name)
+    ax1.set_xticks(range(len(buckets)), buckets)
+    ax1.set(xlabel="key distance (tokens)", ylabel="passkey exact match", ylim=(-0.05, 1.05))
+    ax2.set_xticks(range(1, 5), [f"q{q}" for q in range(1, 5)])
+    ax2.set(xlabel=f"quarter of the {r['setup']['window']}-token window", ylabel="held-out text loss (nats)")
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"figure -> {png}")
+
+
+def report(path, png=""):
     with open(path) as fh:
         r = json.load(fh)
     b = r["setup"]["distance_buckets"]
@@ -268,6 +300,8 @@ def report(path):
     for q, v in r["transfer_channel"].items():
         print(f"  {q}: KL(full||doc) {v['kl_full_doc']:.4f}  KL(full||near) {v['kl_full_near']:.4f}  "
               f"top-1 changed {v['top1_changed']:.3f}  NLL full {v['nll_full']:.3f} vs doc-only {v['nll_doc']:.3f}")
+    if png:
+        plot(r, png)
     return 0
 
 

@@ -14,7 +14,7 @@ def test_ablate_runs_variants_and_writes_summary(tmp_path, tiny_corpus_dir, caps
     flags = " ".join(["--data", tiny_corpus_dir, *TINY, "--short_len", "64", "--teacher_window", "128"])
     results = tmp_path / "ablation.json"
     code = ablate.main(["--out", str(tmp_path / "runs"), "--results", str(results), "--flags", flags,
-                        "--window", "128", "--steps", "3", "--batch", "2", "--seeds", "2",
+                        "--window", "128", "--steps", "3", "--batch", "4", "--seeds", "2",
                         "--variants", "kd,ce", "--n", "1", "--jobs", "2"])
     assert code == 0
     r = json.loads(results.read_text())
@@ -25,6 +25,11 @@ def test_ablate_runs_variants_and_writes_summary(tmp_path, tiny_corpus_dir, caps
     assert r["variants"]["kd"]["seeds"] == 2
     assert "| kd-s0 |" in capsys.readouterr().out
     assert ablate.main(["--report", "--results", str(results)]) == 0
+    try:
+        import matplotlib  # noqa: F401  (optional: the figure is only drawn when it is installed)
+        assert (tmp_path / "ablation.png").stat().st_size > 0
+    except ImportError:
+        assert not (tmp_path / "ablation.png").exists()
 
 
 def test_bad_variant_is_a_one_line_error(capsys):
