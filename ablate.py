@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -270,9 +271,10 @@ def plot(r, png):
         keys = [k for k in r["cells"] if k == name or k.rsplit("-s", 1)[0] == name]
         acc = np.array([[np.nan if v is None else v for v in r["cells"][k]["by_distance"].values()] for k in keys])
         loss = np.array([r["cells"][k]["text_loss_by_quarter"] for k in keys])
-        mean = np.nanmean(acc, 0)
-        ax1.errorbar(range(len(buckets)), mean, yerr=[mean - np.nanmin(acc, 0), np.nanmax(acc, 0) - mean],
-                     marker="o", capsize=3, label=name)
+        with warnings.catch_warnings():  # a distance bucket no prompt fell into is simply not drawn
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean, lo, hi = np.nanmean(acc, 0), np.nanmin(acc, 0), np.nanmax(acc, 0)
+        ax1.errorbar(range(len(buckets)), mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3, label=name)
         ax2.plot(range(1, 5), loss.mean(0), marker="o", label=name)
     ax1.set_xticks(range(len(buckets)), buckets)
     ax1.set(xlabel="key distance (tokens)", ylabel="passkey exact match", ylim=(-0.05, 1.05))
