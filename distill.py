@@ -35,7 +35,7 @@ from model import GPT, GPTConfig
 PRESETS = {
     # 2 CPU cores: the whole default pipeline (teacher, phase 1, phase 2) in minutes.
     # (results/NOTES.md section 1: how the teacher's settings were found.)
-    "cpu": dict(teacher_layers=2, teacher_heads=4, teacher_embd=128, teacher_window=512, teacher_steps=1400,
+    "cpu": dict(teacher_layers=2, teacher_heads=4, teacher_embd=192, teacher_window=512, teacher_steps=1200,
                 teacher_batch=8, teacher_lr=3e-3, student_layers=2, student_heads=4, student_embd=64,
                 short_len=64, growth=4, steps=1000, batch=32, lr=6e-3, vocab="compact", vocab_size=4096,
                 dtype="float32", chunk=4096, eval_n=8),
