@@ -131,6 +131,14 @@ def test_consecutive_snippets_are_one_text_cut_up(tiny_corpus):
     assert any((flat[s:s + len(body)] == body).all() for s in starts)
 
 
+def test_consecutive_windows_start_at_random_places(tiny_corpus):
+    """Each window's cut-up text starts anywhere in its source; always at the start would be memorised."""
+    rng = np.random.default_rng(0)
+    sampler = data.DocSampler(tiny_corpus, 8, 16, snippets="consecutive")
+    firsts = {tuple(data.pack(sampler, rng, 64)[0][1:9]) for _ in range(30)}
+    assert len(firsts) > 2 * len(tiny_corpus.segments["train"])
+
+
 def test_repeat_snippets_repeat_earlier_documents(tiny_corpus):
     rng = np.random.default_rng(0)
     sampler = data.DocSampler(tiny_corpus, 8, 16, snippets="repeat")
