@@ -94,6 +94,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--packing", choices=["cross_doc", "doc_mask"], default="cross_doc",
                    help="student attention over a packed window: plain causal across documents, or only within each document")
+    g.add_argument("--teacher_packing", choices=["doc_mask", "cross_doc"], default="doc_mask",
+                   help="teacher attention over its packed long documents: within each one (positions restart), or "
+                        "across them with continuous positions (as in much LLM pretraining; results/NOTES.md section 3)")
     g.add_argument("--positions", choices=["continuous", "reset"], default="continuous",
                    help="position ids over a packed window: 0..T-1, or restarting at 0 in each document")
     g.add_argument("--data_mode", choices=["short", "long"], default="short",
@@ -324,8 +327,8 @@ def run_phase(args, phase, corpus, device, rank, world):
     if resume is not None:
         model.load_state_dict(resume["model"])
     sampler, max_doc = sampler_for(args, corpus, phase)
-    packing = "doc_mask" if is_teacher else args.packing
-    positions = "reset" if is_teacher else args.positions
+    packing = args.teacher_packing if is_teacher else args.packing
+    positions = {"doc_mask": "reset", "cross_doc": "continuous"}[packing] if is_teacher else args.positions
 
     fused = device.startswith("cuda")
     optimizer = model.configure_optimizer(peak_lr, args.weight_decay, fused=fused or None)
