@@ -36,16 +36,26 @@ import time
 import torch
 import torch.nn.functional as F
 
+from distill import PRESETS
 from loss import head_loss
 from model import GPT, GPTConfig
 
-# Shapes are (layers, heads, width), as distill.py's presets.  "tokens" is per step (rows = tokens / window),
-# so every window does the same work on the weights and only the attention term grows.
+
+def preset_shape(preset, who):
+    """(layers, heads, width) of distill.py's preset: the benchmark times the models the pipeline trains."""
+    p = PRESETS[preset]
+    return p[f"{who}_layers"], p[f"{who}_heads"], p[f"{who}_embd"]
+
+
+# "tokens" is per step (rows = tokens / window), so every window does the same work on the weights and only
+# the attention term grows.
 SETUPS = {
-    "cpu": dict(student=(2, 4, 64), teacher=(4, 4, 128), vocab=4096, windows=[1024, 4096, 8192], tokens=16384,
-                warmup=1, steps=3, mem_vocab=50257, mem_window=8192, mem_warmup=1, dtype="float32"),
-    "cuda": dict(student=(12, 12, 768), teacher=(16, 16, 1024), vocab=50257, windows=[1024, 4096, 8192], tokens=32768,
-                 warmup=2, steps=5, mem_vocab=50257, mem_window=8192, mem_warmup=1, dtype="bfloat16"),
+    "cpu": dict(student=preset_shape("cpu", "student"), teacher=preset_shape("cpu", "teacher"), vocab=4096,
+                windows=[1024, 4096, 8192], tokens=16384, warmup=1, steps=3,
+                mem_vocab=50257, mem_window=8192, mem_warmup=1, dtype="float32"),
+    "cuda": dict(student=preset_shape("gpu", "student"), teacher=preset_shape("gpu", "teacher"), vocab=50257,
+                 windows=[1024, 4096, 8192], tokens=32768, warmup=2, steps=5,
+                 mem_vocab=50257, mem_window=8192, mem_warmup=1, dtype="bfloat16"),
 }
 QUICK = {"cpu": dict(windows=[512, 1024, 2048], tokens=4096, warmup=1, steps=2, mem_warmup=0),
          "cuda": dict(windows=[1024, 8192], warmup=1, steps=3)}
