@@ -151,7 +151,32 @@ def transfer_channel(teacher, vocab, sampler, window, short, rows=16, seed=0):
         nll = {k: float(-logp[k].gather(-1, tgt)[..., 0][sel].mean()) for k in ("full", "doc")}
         out[f"q{q + 1}"] = {"kl_full_doc": kl["doc"], "kl_full_near": kl["near"], "top1_changed": top1,
                             "nll_full": nll["full"], "nll_doc": nll["doc"]}
+    out["answers"] = answer_targets(logp, b)
     return out
+
+
+def answer_targets(logp, b):
+    """
+    What the teacher's soft target says at each passkey answer (first key piece) that has other
+    passkey documents before it in the window: the probability of the document's own key, and the
+    total probability of the OTHER documents' keys -- far keys that the labels never point at.
+    With the full window vs the current document only.
+    """
+    ans = b["weights"] > 1
+    first = ans & ~torch.cat([torch.zeros_like(ans[:, :1]), ans[:, :-1]], 1)
+    own, other = {"full": [], "doc": []}, {"full": [], "doc": []}
+    for r, t in first.nonzero().tolist():
+        key = int(b["targets"][r, t])
+        earlier = {int(b["targets"][r, u]) for u in first[r, :t].nonzero()[:, 0].tolist()} - {key}
+        if not earlier:
+            continue
+        for k in own:
+            p = logp[k][r, t].exp()
+            own[k].append(float(p[key]))
+            other[k].append(float(p[sorted(earlier)].sum()))
+    mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
+    return {"n": len(own["full"]), "own_key_full": mean(own["full"]), "own_key_doc": mean(own["doc"]),
+            "other_keys_full": mean(other["full"]), "other_keys_doc": mean(other["doc"])}
 
 
 def evaluate(model, vocab, corpus, lengths, n, window, digits):
@@ -300,6 +325,12 @@ def report(path, png=""):
     print("\nsummary:", json.dumps(r["summary"]))
     print("transfer channel (teacher, packed short documents):")
     for q, v in r["transfer_channel"].items():
+        if q == "answers":
+            if v["n"]:
+                print(f"  at {v['n']} passkey answers with other keys earlier in the window: p(own key) "
+                      f"{v['own_key_full']:.3f} full vs {v['own_key_doc']:.3f} doc-only; p(other documents' keys) "
+                      f"{v['other_keys_full']:.3f} full vs {v['other_keys_doc']:.3f} doc-only")
+            continue
         print(f"  {q}: KL(full||doc) {v['kl_full_doc']:.4f}  KL(full||near) {v['kl_full_near']:.4f}  "
               f"top-1 changed {v['top1_changed']:.3f}  NLL full {v['nll_full']:.3f} vs doc-only {v['nll_doc']:.3f}")
     if png:
