@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, help="reuse this phase-1 student (default: OUT/shared/phase1.pt, trained if missing)")
     p.add_argument("--flags", default="", help="extra distill.py flags for every phase (a data design, e.g. '--snippets repeat')")
     p.add_argument("--window", type=int, default=512, help="the extension phase's window")
-    p.add_argument("--steps", type=int, default=300, help="extension-phase steps per run")
+    p.add_argument("--steps", type=int, default=None, help="extension-phase steps per run (default: the preset's, as distill.py)")
     p.add_argument("--batch", type=int, default=None, help="distill.py --batch (rows at the short window; default: the preset's)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU thread each)")
     p.add_argument("--n", type=int, default=10, help="passkey prompts per (length, depth) cell")
@@ -107,7 +107,7 @@ def train_all(args, names):
                 continue
             os.makedirs(out, exist_ok=True)
             cmd = distill_cmd(args, out, 2, ["--teacher", teacher, "--init", init, "--seed", str(seed),
-                                             "--steps", str(args.steps), "--eval_n", "2",
+                                             "--eval_n", "2", *(["--steps", str(args.steps)] if args.steps else []),
                                              *(["--batch", str(args.batch)] if args.batch else []), *VARIANTS[name]])
             running.append((name, seed, ckpt, run(cmd, os.path.join(out, "train.log"), 1)))
         time.sleep(1)
@@ -210,7 +210,7 @@ def main(argv=None):
     except distill.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args.short = dargs.short_len
+    args.short, args.steps, args.batch = dargs.short_len, args.steps or dargs.steps, args.batch or dargs.batch
     t0 = time.time()
     teacher_path, init_path, done = train_all(args, names)
     train_min = (time.time() - t0) / 60
