@@ -329,7 +329,8 @@ def save_perturbation_png(path, results):
             if res["control"]:
                 ax.plot([x["resid"] for x in res["control"][i]["layers"]], ls="--", color=line.get_color())
         ax.set_xticks(range(len(res["packed"][0]["layers"])))
-        ax.set_yscale("symlog", linthresh=1e-4)
+        ax.set_yscale("symlog", linthresh=1e-4)  # symlog: a zero perturbation (exactly 0) stays drawable
+        ax.set_ylim(bottom=0)
         ax.set_title(_short(name) + " (dashed: one copy)", fontsize=8)
         ax.set_xlabel("layer", fontsize=7)
         ax.set_ylabel("rel. change of residual", fontsize=7)
