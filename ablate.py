@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher", default=None, help="reuse this teacher (default: OUT/shared/phase0.pt, trained if missing)")
     p.add_argument("--init", default=None, help="reuse this phase-1 student (default: OUT/shared/phase1.pt, trained if missing)")
     p.add_argument("--flags", default="", help="extra distill.py flags for every phase (a data design, e.g. '--snippets repeat')")
-    p.add_argument("--window", type=int, default=512, help="the extension phase's window")
+    p.add_argument("--window", type=int, default=None, help="the extension phase's window (default: the teacher's)")
     p.add_argument("--steps", type=int, default=None, help="extension-phase steps per run (default: the preset's, as distill.py)")
     p.add_argument("--batch", type=int, default=None, help="distill.py --batch (rows at the short window; default: the preset's)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU thread each)")
@@ -68,8 +68,9 @@ def parse_args(argv=None):
 def distill_args(args, phase=2):
     """The distill.py command line shared by every run (preset, design flags, the two windows)."""
     flags = ["--preset", args.preset, *args.flags.split()]
-    short = distill.parse_args(["--phase", "1", *flags]).short_len
-    return ["--phase", str(phase), *flags, "--windows", f"{short},{args.window}"]  # parse_args checks the flags
+    base = distill.parse_args(["--phase", "1", *flags])
+    args.window = args.window or base.teacher_window
+    return ["--phase", str(phase), *flags, "--windows", f"{base.short_len},{args.window}"]  # parse_args checks the flags
 
 
 def distill_cmd(args, out, phase, extra=()):
