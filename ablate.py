@@ -294,9 +294,9 @@ def plot(r, png):
     buckets = r["setup"]["distance_buckets"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for name in r["variants"]:
-        keys = [k for k in r["cells"] if k == name or k.rsplit("-s", 1)[0] == name]
-        acc = np.array([[np.nan if v is None else v for v in r["cells"][k]["by_distance"].values()] for k in keys])
-        loss = np.array([r["cells"][k]["text_loss_by_quarter"] for k in keys])
+        cells = seed_cells(r, name)
+        acc = np.array([[np.nan if v is None else v for v in c["by_distance"].values()] for c in cells])
+        loss = np.array([c["text_loss_by_quarter"] for c in cells])
         with warnings.catch_warnings():  # a distance bucket no prompt fell into is simply not drawn
             warnings.simplefilter("ignore", RuntimeWarning)
             mean, lo, hi = np.nanmean(acc, 0), np.nanmin(acc, 0), np.nanmax(acc, 0)
@@ -312,17 +312,36 @@ def plot(r, png):
     print(f"figure -> {png}")
 
 
+def seed_cells(r, name):
+    """The cells of one variant: 'teacher' / 'phase1' themselves, or every seed 'name-sK'."""
+    return [c for k, c in r["cells"].items() if k == name or k.rsplit("-s", 1)[0] == name]
+
+
+def spread(values):
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    lo, hi, mean = min(vals), max(vals), sum(vals) / len(vals)
+    return f"{mean:.2f}" if hi - lo < 0.005 else f"{mean:.2f} ({lo:.2f}-{hi:.2f})"
+
+
 def report(path, png=""):
+    """The README table: per variant, mean (min-max over seeds) passkey accuracy by key distance."""
     with open(path) as fh:
         r = json.load(fh)
     b = r["setup"]["distance_buckets"]
     print(f"\n{r['command']}  ({r['machine']}, {r['minutes']['total']} min)")
-    print("| run | " + " | ".join(f"key distance {x}" for x in b) + " | long (>= %d) | text loss by quarter |" % r["summary"]["long_distance_from"])
-    print("|---" * (len(b) + 3) + "|")
-    for key, cell in r["cells"].items():
-        accs = " | ".join("-" if a is None else f"{a:.2f}" for a in cell["by_distance"].values())
-        la = "-" if cell["long_acc"] is None else f"{cell['long_acc']:.2f}"
-        print(f"| {key} | {accs} | {la} | {' '.join(f'{x:.2f}' for x in cell['text_loss_by_quarter'])} |")
+    print("| variant | seeds | " + " | ".join(f"key distance {x}" for x in b) +
+          " | long (>= %d) | text loss by quarter | final KD / CE loss |" % r["summary"]["long_distance_from"])
+    print("|---" * (len(b) + 5) + "|")
+    for name, v in r["variants"].items():
+        cells = seed_cells(r, name)
+        accs = " | ".join(spread([c["by_distance"][x] for c in cells]) for x in b)
+        text = " ".join(f"{np.mean([c['text_loss_by_quarter'][q] for c in cells]):.2f}" for q in range(4))
+        final = [c["final_loss_kd_ce"] for c in cells if c["final_loss_kd_ce"]]
+        mean_of = [float(np.mean([f[i] for f in final])) if final else 0.0 for i in (1, 2)]
+        fl = " / ".join(f"{m:.3f}" if m else "-" for m in mean_of)  # 0 = that loss was not computed
+        print(f"| {name} | {len(cells)} | {accs} | {spread([c['long_acc'] for c in cells])} | {text} | {fl} |")
     print("\nsummary:", json.dumps(r["summary"]))
     print("transfer channel (teacher, packed short documents):")
     for q, v in r["transfer_channel"].items():
