@@ -38,6 +38,7 @@ VARIANTS = {
     "ce":         ["--loss", "ce"],                          # its cross-entropy twin on the very same data
     "kd+ce":      ["--loss", "mix", "--mix", "0.5"],
     "kd-fixed":   ["--rope", "fixed"],                       # phase 1's base kept
+    "ce-fixed":   ["--loss", "ce", "--rope", "fixed"],       # ... and its CE twin: is a fixed-base gain the loss's?
     "kd-yarn":    ["--rope", "yarn"],                        # phase 1's base, YaRN-stretched
     "kd-docmask": ["--packing", "doc_mask"],                 # attention only within each document
     "ce-docmask": ["--loss", "ce", "--packing", "doc_mask"],
@@ -229,6 +230,7 @@ def main(argv=None):
         model, _, ck = checkpoint.load_model(ckpt)
         cells[f"{name}-s{seed}"] = evaluate(model, vocab, corpus, lengths, args.n, args.window, digits)
         kd_floor[f"{name}-s{seed}"] = ck["final_loss"]
+        cells[f"{name}-s{seed}"]["train_minutes"] = round(ck["train_time_s"] / 60, 2)
     sampler, _ = distill.sampler_for(dargs, corpus, 2, split="val")
     channel = transfer_channel(teacher, vocab, sampler, args.window, args.short)
     results = summarise(args, names, cells, kd_floor, channel, lengths, tck, s1ck, train_min, (time.time() - t0) / 60)
@@ -248,7 +250,7 @@ def summarise(args, names, cells, kd_floor, channel, lengths, tck, s1ck, train_m
                       "long_acc": long_acc(cell["records"], args),
                       "by_length": {L: eval_retrieval.accuracy(cell["records"], length=L) for L in lengths},
                       "text_loss_by_quarter": cell["text_loss_by_quarter"],
-                      "final_loss_kd_ce": kd_floor.get(key)}
+                      "final_loss_kd_ce": kd_floor.get(key), "train_minutes": cell.get("train_minutes")}
 
     def long_accs(name):
         return [table[k]["long_acc"] for k in table
@@ -267,7 +269,9 @@ def summarise(args, names, cells, kd_floor, channel, lengths, tck, s1ck, train_m
     return {
         "command": "python ablate.py " + " ".join(sys.argv[1:]),
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
-        "minutes": {"training": round(train_min, 1), "total": round(total_min, 1)},
+        # this invocation (finished runs are reused, not retrained) and every run's own training time
+        "minutes": {"training": round(train_min, 1), "total": round(total_min, 1),
+                    "runs_sum": round(sum(c.get("train_minutes") or 0 for c in cells.values()), 1), "jobs": args.jobs},
         "setup": {"short_len": args.short, "window": args.window, "steps": args.steps, "batch": args.batch,
                   "seeds": args.seeds, "flags": args.flags, "lengths": lengths, "prompts_per_cell": args.n,
                   "teacher": {"window": tck["window"], "config": tck["model_config"], "lineage": tck["lineage"]},
@@ -275,6 +279,7 @@ def summarise(args, names, cells, kd_floor, channel, lengths, tck, s1ck, train_m
                   "distance_buckets": [f"{lo}-{hi}" for lo, hi in buckets]},
         "summary": {"kd_long_acc": mean_of("kd"), "ce_long_acc": mean_of("ce"),
                     "phasewise_long_acc": mean_of("kd"), "fixed_long_acc": mean_of("kd-fixed"),
+                    "ce_fixed_long_acc": mean_of("ce-fixed"),
                     "long_distance_from": 4 * args.short},
         "variants": variants,
         "transfer_channel": channel,
