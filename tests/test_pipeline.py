@@ -73,3 +73,16 @@ def test_step_shape_shrinks_rows_only_under_the_teachers_curriculum(tiny_corpus)
     assert distill.step_shape(teacher, 512, 8) == (512, 8)
     student = data.DocSampler(tiny_corpus, 16, 64)  # short documents packed into the long window
     assert distill.step_shape(student, 256, 8) == (256, 8)
+
+
+def test_teacher_packing_switches_the_teachers_attention(tmp_path, tiny_corpus_dir, capsys):
+    """--teacher_packing cross_doc trains the teacher across packed documents: same data, other losses."""
+    losses = {}
+    for packing in ("doc_mask", "cross_doc"):
+        out = str(tmp_path / packing)
+        assert distill.main(["--phase", "0", "--out", out, "--data", tiny_corpus_dir, *TINY,
+                             "--teacher_packing", packing]) == 0
+        losses[packing] = [json.loads(line)["loss"] for line in open(os.path.join(out, "phase0.jsonl"))]
+    printed = capsys.readouterr().out
+    assert "(doc_mask, reset)" in printed and "(cross_doc, continuous)" in printed
+    assert losses["doc_mask"][0] != losses["cross_doc"][0]
