@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=10, help="passkey prompts per (length, depth) cell")
     p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--report", action="store_true", help="only print the table of an existing results file")
+    p.add_argument("--channel", action="store_true",
+                   help="only the transfer-channel diagnostic of --teacher on each data design (DESIGNS) -> --results")
     p.add_argument("--png", default=None, help="figure of the results (needs matplotlib; default: RESULTS with .png, '' = none)")
     return p.parse_args(argv)
 
@@ -181,6 +183,33 @@ def answer_targets(logp, b):
             "other_keys_full": mean(other["full"]), "other_keys_doc": mean(other["doc"])}
 
 
+# Data designs of results/NOTES.md section 3 (distill.py flags of the extension phase's data).
+DESIGNS = {"random": [], "same_source": ["--snippets", "same_source"], "repeat": ["--snippets", "repeat"],
+           "consecutive": ["--snippets", "consecutive"], "text_only": ["--passkey_frac", "0"]}
+
+
+def channel_by_design(args):
+    """The diagnostic of one teacher on every data design (32 packed validation windows each)."""
+    teacher, vocab, _ = checkpoint.load_model(args.teacher)
+    corpus, out = None, {}
+    for name, flags in DESIGNS.items():
+        dargs = distill.parse_args(distill_args(args) + flags)
+        corpus = corpus or data.load_corpus(dargs.data)
+        sampler, _ = distill.sampler_for(dargs, corpus, 2, split="val")
+        out[name] = ch = transfer_channel(teacher, vocab, sampler, args.window, dargs.short_len, rows=32)
+        q = [ch[f"q{i}"] for i in range(1, 5)]
+        a = ch["answers"]
+        print(f"{name:12s} KL(full||doc) " + " ".join(f"{x['kl_full_doc']:.3f}" for x in q) +
+              " | KL(full||near) " + " ".join(f"{x['kl_full_near']:.3f}" for x in q) +
+              " | NLL full-doc " + " ".join(f"{x['nll_full'] - x['nll_doc']:+.3f}" for x in q) +
+              (f" | answers: own key {a['own_key_full']:.2f} full / {a['own_key_doc']:.2f} doc, other keys "
+               f"{a['other_keys_full']:.2f} / {a['other_keys_doc']:.3f}" if a["n"] else ""), flush=True)
+    with open(args.results, "w") as fh:
+        json.dump({"command": "python ablate.py " + " ".join(sys.argv[1:]), "teacher": args.teacher, **out}, fh, indent=1)
+    print(f"-> {args.results}")
+    return 0
+
+
 def evaluate(model, vocab, corpus, lengths, n, window, digits):
     recs = eval_retrieval.passkey(model, vocab, lengths, n=n, digits=digits)
     return {"records": recs, "text_loss_by_quarter": eval_retrieval.text_loss_by_position(model, vocab, corpus, window)}
@@ -213,6 +242,16 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.short, args.steps, args.batch = dargs.short_len, args.steps or dargs.steps, args.batch or dargs.batch
+    if args.channel:
+        if not args.teacher:
+            print("error: --channel needs --teacher CKPT", file=sys.stderr)
+            return 2
+        torch.set_num_threads(2)
+        try:
+            return channel_by_design(args)
+        except (checkpoint.CheckpointError, data.DataError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     t0 = time.time()
     teacher_path, init_path, done = train_all(args, names)
     train_min = (time.time() - t0) / 60

@@ -38,6 +38,13 @@ def test_bad_variant_is_a_one_line_error(capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def test_channel_needs_an_existing_teacher(tmp_path, capsys):
+    assert ablate.main(["--channel"]) == 2
+    assert ablate.main(["--channel", "--teacher", str(tmp_path / "missing.pt"), "--results", str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and not (tmp_path / "c.json").exists()
+
+
 def test_transfer_channel_is_zero_under_document_masking_and_positive_across_documents(tiny_corpus):
     """A model that cannot see other documents (attention masked) has an empty channel by construction."""
     torch.manual_seed(0)
