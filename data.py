@@ -349,7 +349,8 @@ class DocSampler:
         seg = self.corpus.segments[self.split]
         lens = (seg[:, 1] - seg[:, 0]).astype(np.float64)
         self.source = int(rng.choice(len(seg), p=lens / lens.sum()))
-        self.cursor = int(rng.integers(seg[self.source, 0], seg[self.source, 1]))  # a random place, not always the start
+        if self.snippets == "consecutive":  # a random place, not always the start (memorised); other modes draw nothing
+            self.cursor = int(rng.integers(seg[self.source, 0], seg[self.source, 1]))
 
     def _text(self, rng, n):
         """n tokens of corpus text, from where the snippet mode says."""
