@@ -264,15 +264,13 @@ def main(argv=None):
     digits = tck["key_digits"]
     cells = {"teacher": evaluate(teacher, vocab, corpus, lengths, args.n, args.window, digits),
              "phase1": evaluate(student1, vocab, corpus, lengths, args.n, args.window, digits)}
-    kd_floor = {}
     for name, seed, ckpt in done:
         model, _, ck = checkpoint.load_model(ckpt)
-        cells[f"{name}-s{seed}"] = evaluate(model, vocab, corpus, lengths, args.n, args.window, digits)
-        kd_floor[f"{name}-s{seed}"] = ck["final_loss"]
-        cells[f"{name}-s{seed}"]["train_minutes"] = round(ck["train_time_s"] / 60, 2)
+        cells[f"{name}-s{seed}"] = {**evaluate(model, vocab, corpus, lengths, args.n, args.window, digits),
+                                    "final_loss": ck["final_loss"], "train_minutes": round(ck["train_time_s"] / 60, 2)}
     sampler, _ = distill.sampler_for(dargs, corpus, 2, split="val")
     channel = transfer_channel(teacher, vocab, sampler, args.window, args.short)
-    results = summarise(args, names, cells, kd_floor, channel, lengths, tck, s1ck, train_min, (time.time() - t0) / 60)
+    results = summarise(args, names, cells, channel, lengths, tck, s1ck, train_min, (time.time() - t0) / 60)
     os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
     with open(args.results, "w") as fh:
         json.dump(results, fh, indent=1)
@@ -281,7 +279,12 @@ def main(argv=None):
     return 0
 
 
-def summarise(args, names, cells, kd_floor, channel, lengths, tck, s1ck, train_min, total_min):
+def seed_cells(cells, name):
+    """The cells of one variant: 'teacher' / 'phase1' themselves, or every seed 'name-sK'."""
+    return [c for k, c in cells.items() if k == name or k.rsplit("-s", 1)[0] == name]
+
+
+def summarise(args, names, cells, channel, lengths, tck, s1ck, train_min, total_min):
     buckets = buckets_for(args)
     table = {}
     for key, cell in cells.items():
@@ -289,11 +292,10 @@ def summarise(args, names, cells, kd_floor, channel, lengths, tck, s1ck, train_m
                       "long_acc": long_acc(cell["records"], args),
                       "by_length": {L: eval_retrieval.accuracy(cell["records"], length=L) for L in lengths},
                       "text_loss_by_quarter": cell["text_loss_by_quarter"],
-                      "final_loss_kd_ce": kd_floor.get(key), "train_minutes": cell.get("train_minutes")}
+                      "final_loss_kd_ce": cell.get("final_loss"), "train_minutes": cell.get("train_minutes")}
 
     def long_accs(name):
-        return [table[k]["long_acc"] for k in table
-                if (k == name or k.rsplit("-s", 1)[0] == name) and table[k]["long_acc"] is not None]
+        return [c["long_acc"] for c in seed_cells(table, name) if c["long_acc"] is not None]
 
     def mean_of(name):
         accs = long_accs(name)
@@ -304,7 +306,7 @@ def summarise(args, names, cells, kd_floor, channel, lengths, tck, s1ck, train_m
         accs = long_accs(name)
         variants[name] = {"long_acc_mean": mean_of(name), "long_acc_min": min(accs, default=None),
                           "long_acc_max": max(accs, default=None), "flags": VARIANTS.get(name, []),
-                          "seeds": sum(1 for k in table if k == name or k.rsplit("-s", 1)[0] == name)}
+                          "seeds": len(seed_cells(table, name))}
     return {
         "command": "python ablate.py " + " ".join(sys.argv[1:]),
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
@@ -328,17 +330,13 @@ def summarise(args, names, cells, kd_floor, channel, lengths, tck, s1ck, train_m
 
 def plot(r, png):
     """Left: passkey accuracy by key distance (mean over seeds, bars = min..max); right: text loss by quarter."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(no figure: pip install matplotlib to get a PNG)")
+    plt = eval_retrieval.pyplot()
+    if plt is None:
         return
     buckets = r["setup"]["distance_buckets"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for name in r["variants"]:
-        cells = seed_cells(r, name)
+        cells = seed_cells(r["cells"], name)
         acc = np.array([[np.nan if v is None else v for v in c["by_distance"].values()] for c in cells])
         loss = np.array([c["text_loss_by_quarter"] for c in cells])
         with warnings.catch_warnings():  # a distance bucket no prompt fell into is simply not drawn
@@ -354,11 +352,6 @@ def plot(r, png):
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     print(f"figure -> {png}")
-
-
-def seed_cells(r, name):
-    """The cells of one variant: 'teacher' / 'phase1' themselves, or every seed 'name-sK'."""
-    return [c for k, c in r["cells"].items() if k == name or k.rsplit("-s", 1)[0] == name]
 
 
 def spread(values):
@@ -379,7 +372,7 @@ def report(path, png=""):
           " | long (>= %d) | text loss by quarter | final KD / CE loss |" % r["summary"]["long_distance_from"])
     print("|---" * (len(b) + 5) + "|")
     for name, v in r["variants"].items():
-        cells = seed_cells(r, name)
+        cells = seed_cells(r["cells"], name)
         accs = " | ".join(spread([c["by_distance"][x] for c in cells]) for x in b)
         text = " ".join(f"{np.mean([c['text_loss_by_quarter'][q] for c in cells]):.2f}" for q in range(4))
         final = [c["final_loss_kd_ce"] for c in cells if c["final_loss_kd_ce"]]

@@ -43,6 +43,7 @@ import torch
 
 import checkpoint
 import data
+import eval_retrieval
 import rope
 
 TRACE_KEYS = ("q", "k", "attn", "resid")
@@ -317,7 +318,7 @@ def print_perturbation(name, desc, packed, control, T, period):
 
 
 def save_perturbation_png(path, results):
-    plt = _pyplot()
+    plt = eval_retrieval.pyplot()
     if plt is None:
         return
     names = list(results)
@@ -348,7 +349,7 @@ def save_perturbation_png(path, results):
 
 
 def save_updates_png(path, tables, band_list):
-    plt = _pyplot()
+    plt = eval_retrieval.pyplot()
     if plt is None:
         return
     fig, axes = plt.subplots(1, len(tables), figsize=(3.2 * len(tables), 3), squeeze=False)
@@ -364,17 +365,6 @@ def save_updates_png(path, tables, band_list):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"figure -> {path}")
-
-
-def _pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        print("(no figure: pip install matplotlib to get a PNG)")
-        return None
 
 
 def write_json(path, obj):

@@ -125,13 +125,21 @@ def text_loss_by_position(model, vocab, corpus, window, n_windows=16, buckets=4,
     return [float(c.mean()) for c in nll.chunk(buckets, dim=1)]
 
 
-def save_heatmap(path, names, results, lengths, depths):
+def pyplot():
+    """matplotlib.pyplot (file output only), or None with a hint: figures are optional everywhere."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
-        print("(no heatmap: pip install matplotlib to get a PNG)")
+        print("(no figure: pip install matplotlib to get a PNG)")
+        return None
+
+
+def save_heatmap(path, names, results, lengths, depths):
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
     for ax, name, recs in zip(axes[0], names, results):
