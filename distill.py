@@ -257,7 +257,7 @@ def say(rank, *msg):
 
 # ---- one phase -----------------------------------------------------------------------------
 
-def load_teacher(args, vocab_check=None, device="cpu"):
+def load_teacher(args, device="cpu"):
     path = args.teacher or ckpt_path(args, 0)
     teacher, vocab, ck = checkpoint.load_model(path, device)
     if ck.get("phase") != 0:
@@ -266,7 +266,7 @@ def load_teacher(args, vocab_check=None, device="cpu"):
         raise checkpoint.CheckpointError(f"teacher {path} was trained with --key_digits {ck['key_digits']}, not {args.key_digits}")
     for p in teacher.parameters():
         p.requires_grad_(False)
-    return teacher, vocab, path
+    return teacher, vocab, ck["window"]
 
 
 def init_student(args, phase, vocab, device):
@@ -315,13 +315,13 @@ def run_phase(args, phase, corpus, device, rank, world):
         torch.manual_seed(args.seed + 1_000_003)  # the teacher's own stream: never the student's init
         model, lineage = GPT(model_config(args, 0, len(vocab))).to(device), f"scratch(seed={args.seed}+1000003)"
     else:
-        teacher, vocab, teacher_path = load_teacher(args, device=device)
+        teacher, vocab, teacher_window = load_teacher(args, device=device)
         if teacher.cfg.vocab_size != len(vocab):
             raise checkpoint.CheckpointError("teacher checkpoint is inconsistent (vocab size)")
         mix = {"kd": 1.0, "ce": 0.0, "mix": args.mix}[args.loss]
         model, lineage = init_student(args, phase, vocab, device)
-        if window > teacher_window(teacher_path):
-            say(rank, f"warning: phase {phase} window {window} exceeds the teacher's training window {teacher_window(teacher_path)}")
+        if window > teacher_window:
+            say(rank, f"warning: phase {phase} window {window} exceeds the teacher's training window {teacher_window}")
         if mix == 0:
             teacher = None  # pure CE: the teacher only lent its vocabulary
     if resume is not None:
@@ -434,10 +434,6 @@ def open_log(path, start):
     log = open(path, "w")
     log.writelines(kept)
     return log
-
-
-def teacher_window(path):
-    return checkpoint.load(path)["window"]
 
 
 def describe_rope(spec):
