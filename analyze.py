@@ -283,10 +283,8 @@ def fmt(x, w=8):
 
 
 def describe(ck, model):
-    spec = ck["model_config"]["rope"]
-    extra = f", scale {spec['scale']:g}" if "scale" in spec else ""
     return (f"phase {ck.get('phase')}, {model.cfg.n_layer} layers x {model.cfg.n_head} heads, d_head {model.cfg.head_dim}, "
-            f"rope {spec['rule']} (theta {spec.get('theta', float('nan')):.4g}{extra}), window {ck.get('window')}")
+            f"rope {rope.describe(ck['model_config']['rope'])}, window {ck.get('window')}")
 
 
 def print_perturbation(name, desc, packed, control, T, period):

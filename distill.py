@@ -347,7 +347,7 @@ def run_phase(args, phase, corpus, device, rank, world):
            if args.dtype != "float32" else contextlib.nullcontext())
 
     say(rank, f"phase {phase} ({'teacher' if is_teacher else 'student'}): {model.num_params() / 1e6:.2f}M params, "
-              f"window {window}, RoPE {describe_rope(model.cfg.rope)}, "
+              f"window {window}, RoPE {rope.describe(model.cfg.rope)}, "
               f"loss {'CE' if mix == 0 else 'KD' if mix == 1 else f'{mix}*KD+{1 - mix:g}*CE'}, "
               f"data {'long documents' if max_doc is None else f'documents <= {max_doc} tokens'} ({packing}, {positions}), "
               f"vocab {len(vocab)}, {steps} steps x {batch} x {window} tokens, init {lineage}")
@@ -434,11 +434,6 @@ def open_log(path, start):
     log = open(path, "w")
     log.writelines(kept)
     return log
-
-
-def describe_rope(spec):
-    extra = f", scale {spec['scale']:g}" if "scale" in spec else ""
-    return f"{spec['rule']} (theta {spec['theta']:.4g}{extra})"
 
 
 def record(args, phase, model, vocab, window, lineage):

@@ -147,6 +147,12 @@ def schedule(rule, head_dim, window, first_window, first_theta, turns=1.0):
     raise ValueError(f"unknown RoPE schedule {rule!r}; choose one of {RULES}")
 
 
+def describe(spec):
+    """A schedule entry in words, for logs: 'phasewise (theta 14.19)', 'yarn (theta 14.19, scale 8)'."""
+    extra = f", scale {spec['scale']:g}" if "scale" in spec else ""
+    return f"{spec['rule']} (theta {spec['theta']:.4g}{extra})"
+
+
 def cos_sin(positions, inv_freq, attn_factor=1.0, angle_offset=None):
     """
     Angles p * w_i in float32 -> (cos, sin), each [..., T, d/2], pre-multiplied by attn_factor.
