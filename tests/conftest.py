@@ -6,6 +6,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # ablate, analyze, bench, gpu_check
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 TEXT = """ACT I. SCENE I. A room in the castle.

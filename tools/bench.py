@@ -7,9 +7,9 @@ Speed and memory of one distillation step, three ways, side by side in one proce
   transformers  LlamaForCausalLM teacher and student of the same shapes and a hand-written KD loop
                 (full logits + F.kl_div): what one would otherwise write.  Optional dependency.
 
-    python bench.py --quick                 # reduced run, <= 5 min on 2 CPU cores
-    python bench.py --json bench.json       # full run (longer), results + headline keys to a file
-    python bench.py --device cuda           # gpu preset shapes, bf16 autocast, MFU vs measured bf16 matmul
+    python tools/bench.py --quick                 # reduced run, <= 5 min on 2 CPU cores
+    python tools/bench.py --json bench.json       # full run (longer), results + headline keys to a file
+    python tools/bench.py --device cuda           # gpu preset shapes, bf16 autocast, MFU vs measured bf16 matmul
 
 Reported per window: tokens/s, peak memory of a step, model FLOPs per token and the achieved
 fraction of the machine's own matmul FLOP/s (a square matmul timed in the same run).
@@ -32,6 +32,8 @@ import os
 import statistics
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the core modules live one folder up
 
 import torch
 import torch.nn.functional as F

@@ -1,8 +1,8 @@
 """
 Two analyses of the paper's mechanism claims (arXiv 2604.06070), on any checkpoints distill.py writes.
 
-    python analyze.py perturb out/phase0.pt out/phase1.pt out/phase2.pt [--deltas 1,4,16,64] [--json J] [--png P]
-    python analyze.py updates out/phase1.pt out/phase2.pt [--bands 4] [--json J] [--png P]
+    python tools/analyze.py perturb out/phase0.pt out/phase1.pt out/phase2.pt [--deltas 1,4,16,64] [--json J] [--png P]
+    python tools/analyze.py updates out/phase1.pt out/phase2.pt [--bands 4] [--json J] [--png P]
 
 perturb -- finding 2, "positional information travels in the logits".
     Input: a short piece of held-out text (BOS + period-1 tokens) repeated back to back to fill the
@@ -37,6 +37,8 @@ import argparse
 import json
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the core modules live one folder up
 
 import numpy as np
 import torch

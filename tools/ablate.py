@@ -3,8 +3,8 @@ The ablation matrix of the paper's headline claim, at toy scale (arXiv 2604.0607
 does a student trained only on short documents packed into a long window retrieve far beyond
 its documents after logit distillation -- and better than its cross-entropy twin?
 
-    python ablate.py                      # teacher + phase 1 + every variant x seed, then evaluate
-    python ablate.py --report             # print the README table from results/ablation.json
+    python tools/ablate.py                      # teacher + phase 1 + every variant x seed, then evaluate
+    python tools/ablate.py --report             # print the README table from results/ablation.json
 
 From ONE teacher and ONE phase-1 student, each variant runs the extension phase on the same
 short packed data and is evaluated the same way:
@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the core modules live one folder up
 
 import numpy as np
 import torch
@@ -77,7 +79,7 @@ def distill_args(args, phase=2):
 
 
 def distill_cmd(args, out, phase, extra=()):
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distill.py")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "distill.py")
     return [sys.executable, script, *distill_args(args, phase), "--out", out, *extra]
 
 
@@ -205,7 +207,7 @@ def channel_by_design(args):
               (f" | answers: own key {a['own_key_full']:.2f} full / {a['own_key_doc']:.2f} doc, other keys "
                f"{a['other_keys_full']:.2f} / {a['other_keys_doc']:.3f}" if a["n"] else ""), flush=True)
     with open(args.results, "w") as fh:
-        json.dump({"command": "python ablate.py " + " ".join(sys.argv[1:]), "teacher": args.teacher, **out}, fh, indent=1)
+        json.dump({"command": "python tools/ablate.py " + " ".join(sys.argv[1:]), "teacher": args.teacher, **out}, fh, indent=1)
     print(f"-> {args.results}")
     return 0
 
@@ -308,7 +310,7 @@ def summarise(args, names, cells, channel, lengths, tck, s1ck, train_min, total_
                           "long_acc_max": max(accs, default=None), "flags": VARIANTS.get(name, []),
                           "seeds": len(seed_cells(table, name))}
     return {
-        "command": "python ablate.py " + " ".join(sys.argv[1:]),
+        "command": "python tools/ablate.py " + " ".join(sys.argv[1:]),
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
         # this invocation (finished runs are reused, not retrained) and every run's own training time
         "minutes": {"training": round(train_min, 1), "total": round(total_min, 1),

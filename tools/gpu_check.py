@@ -10,14 +10,17 @@ One short run (< 5 min) for a lent CUDA machine:
      matmul FLOP/s measured in the same run; then the longest window again with TF32 allowed,
      since our loss computes its head matmuls in fp32 (distill.py leaves TF32 off).
 
-    PYTHONUNBUFFERED=1 python3 gpu_check.py --json $OUT/bench.json
-    python gpu_check.py --device cpu --tiny     # dry run of the script's logic on a CPU
+    PYTHONUNBUFFERED=1 python3 tools/gpu_check.py --json $OUT/bench.json
+    python tools/gpu_check.py --device cpu --tiny     # dry run of the script's logic on a CPU
 Exit status 1 when an attention path disagrees.
 """
 
 import argparse
+import os
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the core modules live one folder up
 
 import torch
 import torch.nn.functional as F
