@@ -80,11 +80,12 @@ def parse_args(argv=None):
     g.add_argument("--windows", type=str, default=None, help="explicit comma-separated windows for phases 1, 2, ... (overrides --growth)")
     g.add_argument("--teacher_window", type=int, help="the teacher's training window")
     g = p.add_argument_group("RoPE")
-    g.add_argument("--rope", choices=["phasewise", "fixed", "pi", "ntk", "yarn"], default="phasewise",
-                   help="student base schedule over phases: a new base per window (phasewise), phase 1's base kept "
-                        "(fixed), or phase 1's base stretched by window/short_len (pi, ntk, yarn)")
+    g.add_argument("--rope", choices=["phasewise", "bound", "fixed", "pi", "ntk", "yarn"], default="phasewise",
+                   help="student base schedule over phases: a new base per window (phasewise: the slowest pair turns "
+                        "once over it; bound: the smallest base that still allows retrieval over it, Men et al. 2024), "
+                        "phase 1's base kept (fixed), or phase 1's base stretched by window/short_len (pi, ntk, yarn)")
     g.add_argument("--rope_turns", type=float, default=1.0, help="phasewise rule: turns of the slowest pair over the window")
-    g.add_argument("--theta1", type=float, default=None, help="phase-1 base (default: the phasewise rule at --short_len)")
+    g.add_argument("--theta1", type=float, default=None, help="phase-1 base of the fixed/pi/ntk/yarn schedules (default: the phasewise rule at --short_len)")
     g.add_argument("--teacher_theta", type=float, default=10000.0, help="the teacher's (large, fixed) RoPE base")
     g = p.add_argument_group("loss")
     g.add_argument("--loss", choices=["kd", "ce", "mix"], default="kd", help="student loss: forward KL to the teacher, cross-entropy, or a mix")
@@ -108,6 +109,8 @@ def parse_args(argv=None):
     g.add_argument("--teacher_passkey_frac", type=float, default=0.6, help="share of teacher documents that are long passkey documents")
     g.add_argument("--teacher_curriculum", type=float, default=0.6,
                    help="teacher documents grow from short to the full window over this fraction of its steps (0 = off)")
+    g.add_argument("--curriculum", type=float, default=0.0,
+                   help="like --teacher_curriculum, for a student phase on long documents (--data_mode long)")
     g.add_argument("--teacher_filler_frac", type=float, default=0.3,
                    help="share of the teacher's passkey documents whose haystack is the classic filler instead of text")
     g.add_argument("--copy_frac", type=float, default=0.0, help="share of student documents that are copy documents (text S text S)")
@@ -160,9 +163,12 @@ def validate(args):
         need(0 <= getattr(args, k) <= 1, f"--{k} must be in [0, 1], got {getattr(args, k)}")
     need(args.answer_weight > 0 and args.weight_decay >= 0 and args.warmup >= 0 and args.grad_clip > 0,
          "--answer_weight and --grad_clip must be > 0, --weight_decay and --warmup >= 0")
-    need(0 <= args.teacher_curriculum <= 1, f"--teacher_curriculum must be in [0, 1], got {args.teacher_curriculum}")
+    for k in ("teacher_curriculum", "curriculum"):
+        need(0 <= getattr(args, k) <= 1, f"--{k} must be in [0, 1], got {getattr(args, k)}")
     need(args.rope_turns > 0, f"--rope_turns must be > 0, got {args.rope_turns}")
     need(args.theta1 is None or args.theta1 > 1, f"--theta1 must be > 1, got {args.theta1}")
+    need(args.theta1 is None or args.rope not in ("phasewise", "bound"),
+         f"--theta1 has no effect under --rope {args.rope} (that rule chooses every phase's base); use --rope fixed, pi, ntk or yarn")
     need(args.teacher_theta > 1, f"--teacher_theta must be > 1, got {args.teacher_theta}")
     for who in ("teacher", "student"):
         e, h = getattr(args, f"{who}_embd"), getattr(args, f"{who}_heads")
@@ -209,7 +215,7 @@ def sampler_for(args, corpus, phase, split="train"):
     if phase == 0 or args.data_mode == "long":
         shortest = min(window, data.passkey_len([0] * data.max_key_len(args.key_digits)) + 4 if pk > 0 else 16)
         return data.DocSampler(corpus, shortest, window, pk, args.key_digits, args.answer_weight, split, cp,
-                               args.teacher_curriculum if phase == 0 else 0.0,
+                               args.teacher_curriculum if phase == 0 else args.curriculum,
                                args.teacher_filler_frac if phase == 0 else 0.0), None
     return (data.DocSampler(corpus, max(2, args.short_len // 4), args.short_len, pk, args.key_digits,
                             args.answer_weight, split, cp, snippets=args.snippets), args.short_len)

@@ -20,11 +20,12 @@ Each scaling rule is one pure function returning (inv_freq, attn_factor):
 `frequencies(spec, head_dim)` picks the rule named in a spec dict (stored in checkpoints).
 """
 
+import functools
 import math
 
 import torch
 
-RULES = ("fixed", "phasewise", "pi", "ntk", "yarn")
+RULES = ("fixed", "phasewise", "bound", "pi", "ntk", "yarn")
 
 
 def base_inv_freq(head_dim, theta):
@@ -77,6 +78,44 @@ def phasewise(head_dim, context_len, turns=1.0):
     return fixed(head_dim, phasewise_theta(head_dim, context_len, turns))
 
 
+def long_term_decay(head_dim, theta, context_len):
+    """B(m) = sum_i cos(m * w_i) for m = 1..context_len (Men et al. 2024, "Base of RoPE Bounds
+    Context Length", NeurIPS 2024): the expected attention score gain of a key similar to the
+    query at distance m, up to a positive factor.  While B(m) >= 0 a model can still tell a
+    similar token at distance m from random ones; where it turns negative, it cannot."""
+    m = torch.arange(1, context_len + 1, dtype=torch.float64)[:, None]
+    return torch.cos(m * base_inv_freq(head_dim, theta).double()).sum(1)
+
+
+@functools.lru_cache(maxsize=None)
+def bound_theta(head_dim, context_len, per_decade=1000, lo=2.0, hi=1e12):
+    """
+    The smallest base (on a log grid, 0.23 % steps) with B(m) >= 0 for every m <= context_len:
+    Men et al.'s lower bound on the RoPE base for retrieval over `context_len` tokens.  Below
+    it, models keep a low perplexity but stop retrieving ("superficial" long context).  The
+    condition is not monotone in the base (it holds in narrow windows first), so the grid is
+    scanned upwards, not bisected.  Reproduces their Figure 1 for d=128: ~4.3e3 at 1k tokens,
+    ~2.9e4 at 4k, ~8.4e4 at 8k; for d=16: ~1.7e3 at 64, ~8.6e3 at 256, ~5.6e4 at 512.
+    """
+    grid = lo * 10 ** (torch.arange(int(per_decade * math.log10(hi / lo)) + 1, dtype=torch.float64) / per_decade)
+    i = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+    for thetas in grid.split(256):  # 256 bases at a time; most die at short distances, so check those first
+        w = thetas[:, None] ** -i  # [bases, d/2]
+        alive = torch.ones(len(thetas), dtype=torch.bool)
+        for m in torch.arange(1, context_len + 1, dtype=torch.float64).split(128):
+            alive[alive.clone()] = torch.cos(m[None, :, None] * w[alive][:, None]).sum(-1).min(1).values >= 0
+            if not alive.any():
+                break
+        if alive.any():
+            return float(thetas[alive][0])
+    raise ValueError(f"no RoPE base below {hi:g} meets the long-term-decay bound at {context_len} tokens")
+
+
+def bound(head_dim, context_len):
+    """Plain RoPE whose base is re-chosen for each phase's window by `bound_theta`."""
+    return fixed(head_dim, bound_theta(head_dim, context_len))
+
+
 def pi(head_dim, theta, scale):
     """Linear position interpolation (Chen et al. 2023): positions divided by `scale`, i.e. every w_i / scale."""
     return base_inv_freq(head_dim, theta) / scale, 1.0
@@ -121,6 +160,8 @@ def frequencies(spec, head_dim):
         return fixed(head_dim, spec["theta"])
     if rule == "phasewise":
         return phasewise(head_dim, spec["context_len"], spec.get("turns", 1.0))
+    if rule == "bound":
+        return bound(head_dim, spec["context_len"])
     if rule == "pi":
         return pi(head_dim, spec["theta"], spec["scale"])
     if rule == "ntk":
@@ -133,13 +174,16 @@ def frequencies(spec, head_dim):
 def schedule(rule, head_dim, window, first_window, first_theta, turns=1.0):
     """
     The RoPE spec for a student phase at `window`, given phase 1's window and base.
-    phasewise : a new base per phase (phasewise_theta);   fixed : phase 1's base kept;
+    phasewise : a new base per phase (phasewise_theta);   bound : a new base per phase (bound_theta);
+    fixed : phase 1's base kept;
     pi / ntk / yarn : phase 1's base, stretched by scale = window / first_window.
     """
     scale = window / first_window
     if rule == "phasewise":
         return {"rule": "phasewise", "context_len": window, "turns": turns,
                 "theta": phasewise_theta(head_dim, window, turns)}
+    if rule == "bound":
+        return {"rule": "bound", "context_len": window, "theta": bound_theta(head_dim, window)}
     if rule == "fixed" or scale == 1:
         return {"rule": "fixed", "theta": first_theta}
     if rule in ("pi", "ntk", "yarn"):

@@ -93,3 +93,26 @@ def test_angles_are_float32_even_in_bf16_models():
     cos, sin = rope.cos_sin(torch.tensor([[257, 4097]]), inv)
     assert cos.dtype == torch.float32
     assert cos[0, 0, 0].item() == pytest.approx(math.cos(257.0), abs=1e-5)
+
+
+def test_bound_rule_reproduces_the_published_lower_bounds():
+    """Men et al. 2024, Figure 1 (head dim 128): ~4.3e3 at 1k tokens, ~2.9e4 at 4k."""
+    assert rope.bound_theta(128, 1024) == pytest.approx(4.3e3, rel=0.02)
+    assert rope.bound_theta(128, 4096) == pytest.approx(2.9e4, rel=0.02)
+    assert rope.bound_theta(16, 256) == pytest.approx(8.6e3, rel=0.02)
+
+
+def test_bound_rule_meets_its_condition_and_is_the_smallest_on_its_grid():
+    d, L = 16, 128
+    theta = rope.bound_theta(d, L)
+    assert rope.long_term_decay(d, theta, L).min() >= 0
+    assert rope.long_term_decay(d, theta / 10 ** (1 / 1000), L).min() < 0  # one grid step below fails
+    assert rope.long_term_decay(d, rope.phasewise_theta(d, L), L).min() < 0  # the phase-wise base sits below it
+
+
+def test_bound_schedule_grows_with_the_window():
+    d = 16
+    s1, s2 = rope.schedule("bound", d, 64, 64, None), rope.schedule("bound", d, 256, 64, None)
+    assert s1["theta"] < s2["theta"]
+    inv, factor = rope.frequencies(s2, d)
+    assert torch.allclose(inv, rope.base_inv_freq(d, s2["theta"])) and factor == 1.0
