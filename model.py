@@ -58,7 +58,8 @@ def doc_causal_mask(doc):
 def attention(q, k, v, doc):
     """
     Causal attention over [B, H, T, d]; document-causal when doc ids [B, T] are given.
-    `doc` may also be a ready boolean mask [B, 1, T, T] (analyses such as a sliding window).
+    `doc` may also be a ready boolean mask [B, 1, T, T]: the transfer-channel diagnostic of
+    tools/ablate.py compares a model's predictions under several masks (a sliding window).
     """
     if doc is not None and doc.dtype == torch.bool:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=doc)
@@ -87,23 +88,32 @@ def _flash_attention(fa, q, k, v, doc):
     return out.reshape(B, T, H, D).transpose(1, 2)
 
 
+class Rotary(nn.Module):
+    """
+    RoPE on queries and keys.  A (parameter-free) module of its own only so that analyses can
+    observe or perturb the rotated q and k with forward hooks (tools/analyze.py), without any
+    extra argument threading through the model.
+    """
+
+    def forward(self, q, k, cos, sin):
+        return rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.rotary = Rotary()
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x, rot_q, rot_k, doc, trace=None):
+    def forward(self, x, cos, sin, doc):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        q, k = rope.apply_rotary(q, *rot_q), rope.apply_rotary(k, *rot_k)
+        q, k = self.rotary(q, k, cos, sin)
         y = attention(q, k, v, doc).transpose(1, 2).contiguous().view(B, T, C)
-        y = self.proj(y)
-        if trace is not None:
-            trace.update(q=q, k=k, attn=y)
-        return y
+        return self.proj(y)
 
 
 class MLP(nn.Module):
@@ -124,8 +134,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd, bias=False)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rot_q, rot_k, doc, trace=None):
-        x = x + self.attn(self.ln1(x), rot_q, rot_k, doc, trace)
+    def forward(self, x, cos, sin, doc):
+        x = x + self.attn(self.ln1(x), cos, sin, doc)
         x = x + self.mlp(self.ln2(x))
         return x
 
@@ -163,27 +173,17 @@ class GPT(nn.Module):
         """The tied output matrix [V, C], padding rows removed so they never enter a softmax."""
         return self.wte.weight[: self.cfg.vocab_size]
 
-    def rotations(self, pos, angle_offset=None):
-        """(cos, sin) [B, 1, T, d/2] for positions pos [B, T]; optional extra angles per pair."""
-        cos, sin = rope.cos_sin(pos, self.inv_freq, self.attn_factor, angle_offset)
-        return cos[:, None], sin[:, None]  # broadcast over heads
+    def rotations(self, pos):
+        """(cos, sin) [B, 1, T, d/2] for positions pos [B, T], broadcast over heads."""
+        cos, sin = rope.cos_sin(pos, self.inv_freq, self.attn_factor)
+        return cos[:, None], sin[:, None]
 
-    def hidden(self, idx, pos, doc=None, rot=None, traces=None):
-        """
-        Final normalised hidden states [B, T, C].
-        rot: optional (rot_q, rot_k), each a (cos, sin) pair from rotations(), replacing the
-             rotations of pos for queries and keys separately (the positional-perturbation
-             analysis of analyze.py); normally None.
-        traces: a list that receives, per layer, a dict of q, k, attn output and residual.
-        """
-        rot_q, rot_k = rot if rot is not None else (self.rotations(pos),) * 2
+    def hidden(self, idx, pos, doc=None):
+        """Final normalised hidden states [B, T, C]."""
+        cos, sin = self.rotations(pos)
         x = self.wte(idx)
         for block in self.blocks:
-            t = {} if traces is not None else None
-            x = block(x, rot_q, rot_k, doc, t)
-            if t is not None:
-                t["resid"] = x
-                traces.append(t)
+            x = block(x, cos, sin, doc)
         return self.ln_f(x)
 
     def forward(self, idx, pos, doc=None, hidden_only=False):

@@ -197,15 +197,9 @@ def describe(spec):
     return f"{spec['rule']} (theta {spec['theta']:.4g}{extra})"
 
 
-def cos_sin(positions, inv_freq, attn_factor=1.0, angle_offset=None):
-    """
-    Angles p * w_i in float32 -> (cos, sin), each [..., T, d/2], pre-multiplied by attn_factor.
-    angle_offset (broadcastable to [..., T, d/2]) is added to the angles: analyze.py uses it
-    to perturb chosen frequency bands only.
-    """
+def cos_sin(positions, inv_freq, attn_factor=1.0):
+    """Angles p * w_i in float32 -> (cos, sin), each [..., T, d/2], pre-multiplied by attn_factor."""
     angles = positions.float()[..., None] * inv_freq.to(positions.device, torch.float32)
-    if angle_offset is not None:
-        angles = angles + angle_offset.float()
     return torch.cos(angles) * attn_factor, torch.sin(angles) * attn_factor
 
 

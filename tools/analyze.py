@@ -34,6 +34,7 @@ figure (--png).  Bad input is one line "error: ..." on stderr and exit code 2.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -107,9 +108,9 @@ def repeated_text(corpus, period, window, samples, seed=0):
 
 def angle_offset(inv_freq, T, delta, mode="shift", start=0, pairs=None, seed=0):
     """
-    Extra rotary angles [T, d/2] for model.rotations(): non-zero only at positions >= start and on
-    the pairs lo:hi (all pairs when None).  shift: delta * w_i (a position shift by delta tokens,
-    band-limited when pairs are given); noise: delta * N(0, 1) radians per token and pair.
+    Extra rotary angles [T, d/2]: non-zero only at positions >= start and on the pairs lo:hi
+    (all pairs when None).  shift: delta * w_i (a position shift by delta tokens, band-limited
+    when pairs are given); noise: delta * N(0, 1) radians per token and pair.
     """
     n = inv_freq.numel()
     lo, hi = pairs if pairs is not None else (0, n)
@@ -125,17 +126,46 @@ def angle_offset(inv_freq, T, delta, mode="shift", start=0, pairs=None, seed=0):
     return off * mask * span
 
 
+@contextlib.contextmanager
+def hooked(model, traces, offset=None, target="q"):
+    """
+    Forward hooks that fill `traces` with one dict per layer (rotated q and k, attention output,
+    residual stream after the block) and, given extra angles [T, d/2], rotate q and/or k
+    (target) further by them.  Rotations compose per pair, so rotating the already rotated
+    query by o equals rotating the raw query by its position's angle + o.
+    """
+    extra = None if offset is None else (torch.cos(offset)[None, None], torch.sin(offset)[None, None])
+    handles = []
+    for block in model.blocks:
+        t = {}
+        traces.append(t)
+
+        def on_rotary(mod, args, out, t=t):
+            q, k = out
+            if extra is not None:
+                cos, sin = (x.to(q.device) for x in extra)
+                q = rope.apply_rotary(q, cos, sin) if "q" in target else q
+                k = rope.apply_rotary(k, cos, sin) if "k" in target else k
+            t.update(q=q, k=k)
+            return q, k
+
+        handles += [block.attn.rotary.register_forward_hook(on_rotary),
+                    block.attn.register_forward_hook(lambda mod, args, out, t=t: t.update(attn=out)),
+                    block.register_forward_hook(lambda mod, args, out, t=t: t.update(resid=out))]
+    try:
+        yield traces
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def traced(model, idx, offset=None, target="q"):
     """(final hidden states, per-layer traces); q and/or k (target) rotated with the extra angles."""
     B, T = idx.shape
-    pos = torch.arange(T, device=idx.device).expand(B, T)
-    rot = None
-    if offset is not None:
-        clean, pert = model.rotations(pos), model.rotations(pos, offset.to(idx.device))
-        rot = (pert if "q" in target else clean, pert if "k" in target else clean)
     traces = []
-    h = model.hidden(idx, pos, rot=rot, traces=traces)
+    with hooked(model, traces, offset, target):
+        h = model.hidden(idx, torch.arange(T, device=idx.device).expand(B, T))
     return h, traces
 
 
@@ -205,9 +235,7 @@ def query_states(model, idx):
     Before the rotation, so that two checkpoints with different theta are compared on what their
     weights do, not on the angles their theta adds afterwards.
     """
-    B, T = idx.shape
-    traces = []
-    model.hidden(idx, torch.arange(T, device=idx.device).expand(B, T), traces=traces)
+    _, traces = traced(model, idx)
     inputs = [model.wte(idx)] + [t["resid"] for t in traces[:-1]]
     C = model.cfg.n_embd
     return [blk.attn.qkv(blk.ln1(x))[..., :C] for blk, x in zip(model.blocks, inputs)]
