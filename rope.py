@@ -129,23 +129,37 @@ def ntk(head_dim, theta, scale):
     return base_inv_freq(head_dim, theta * scale ** (head_dim / (head_dim - 2))), 1.0
 
 
-def yarn(head_dim, theta, scale, original_len, beta_fast=32.0, beta_slow=1.0):
+def yarn(head_dim, theta, scale, original_len, beta_fast=32.0, beta_slow=1.0, ramp="pairs"):
     """
     YaRN (Peng et al. 2023, "NTK-by-parts" + attention temperature).
 
     `original_len` is the context the weights were trained at; it must be given explicitly
     (inferring it from the current max length is a classic bug: the ramp would move).
-    For each pair, r_i = original_len / wavelength_i = how many turns it made in the original
-    context.  Pairs with r >= beta_fast turned often and are left alone (local detail);
-    pairs with r <= beta_slow never completed a turn and are interpolated by `scale`;
-    a linear ramp blends in between.  Attention logits are multiplied by
-    (0.1 ln(scale) + 1)^2, i.e. q and k each by attn_factor = 0.1 ln(scale) + 1 (eq. 22).
+    A pair that turns >= beta_fast times over the original context is left alone (local
+    detail), one that turns <= beta_slow times is interpolated by `scale`, and a linear ramp
+    blends the pairs in between.  ramp="pairs" (default) is the reference implementation's
+    ramp (YaRN's own code, and Hugging Face transformers' yarn rope): linear in the *pair
+    index*, between the pair indices where the turn count equals beta_fast and beta_slow,
+    rounded outwards (floor / ceil).  ramp="turns" is linear in the *turn count* instead, as
+    the paper's equations read; per-pair frequencies differ by up to ~60 % between the two, so
+    checkpoints made with the reference need the default.  Attention logits are multiplied
+    by (0.1 ln(scale) + 1)^2, i.e. q and k each by attn_factor = 0.1 ln(scale) + 1 (eq. 22).
     """
     if original_len < 1:
         raise ValueError("YaRN needs the original (pre-extension) context length")
     base = base_inv_freq(head_dim, theta)
-    turns = original_len * base.double() / (2 * math.pi)
-    keep = ((turns - beta_slow) / (beta_fast - beta_slow)).clamp(0, 1).float()  # 1 = untouched
+    if ramp == "pairs":
+        def pair_turning(turns):  # the (fractional) pair index i whose wavelength fits `turns` times
+            return head_dim * math.log(original_len / (2 * math.pi * turns)) / (2 * math.log(theta))
+        lo = max(math.floor(pair_turning(beta_fast)), 0)
+        hi = min(math.ceil(pair_turning(beta_slow)), head_dim - 1)  # (sic: head_dim, as the reference)
+        hi = hi + 0.001 if hi == lo else hi
+        keep = 1 - ((torch.arange(head_dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)  # 1 = untouched
+    elif ramp == "turns":
+        turns = original_len * base.double() / (2 * math.pi)
+        keep = ((turns - beta_slow) / (beta_fast - beta_slow)).clamp(0, 1).float()
+    else:
+        raise ValueError(f"unknown YaRN ramp {ramp!r}; choose 'pairs' (the reference) or 'turns'")
     inv_freq = base / scale * (1 - keep) + base * keep
     attn_factor = 0.1 * math.log(scale) + 1.0 if scale > 1 else 1.0
     return inv_freq, attn_factor
@@ -167,7 +181,7 @@ def frequencies(spec, head_dim):
     if rule == "ntk":
         return ntk(head_dim, spec["theta"], spec["scale"])
     if rule == "yarn":
-        return yarn(head_dim, spec["theta"], spec["scale"], spec["original_len"])
+        return yarn(head_dim, spec["theta"], spec["scale"], spec["original_len"], ramp=spec.get("ramp", "pairs"))
     raise ValueError(f"unknown RoPE rule {rule!r}; choose one of {RULES}")
 
 

@@ -55,11 +55,43 @@ def test_scaling_rules_stretch_the_slowest_pair_by_scale():
         assert inv[-1].item() == pytest.approx(base[-1].item() / s, rel=1e-5)
     inv, _ = rope.frequencies({"rule": "ntk", "theta": theta, "scale": s}, d)
     assert inv[0].item() == pytest.approx(1.0)  # NTK keeps the fastest pair
-    inv, factor = rope.yarn(d, theta, s, original_len=64)
+    inv, factor = rope.yarn(d, theta, s, original_len=64, ramp="turns")
     assert factor == pytest.approx(0.1 * math.log(s) + 1)
     turns = 64 * base.double() / (2 * math.pi)
     assert torch.allclose(inv[turns >= 32], base[turns >= 32])  # fast pairs untouched
     assert torch.allclose(inv[turns <= 1], base[turns <= 1] / s)  # slow pairs interpolated
+
+
+def test_yarn_default_ramps_over_pair_indices_like_the_reference():
+    """Hand-computed: d=16, base 1e4, original 64, scale 4.  The pair turning 32 times over 64 tokens
+    sits at index 16 ln(64 / (2 pi 32)) / (2 ln 1e4) = -0.99 -> floor -1 -> clamped to 0; the pair
+    turning once at 16 ln(64 / (2 pi)) / (2 ln 1e4) = 2.02 -> ceil 3.  Ramp over pairs 0..3."""
+    d, theta, s = 16, 1e4, 4.0
+    base = rope.base_inv_freq(d, theta)
+    keep = torch.tensor([1, 2 / 3, 1 / 3, 0, 0, 0, 0, 0])
+    inv, factor = rope.yarn(d, theta, s, original_len=64)
+    assert torch.allclose(inv, base * keep + base / s * (1 - keep), rtol=1e-6)
+    assert factor == pytest.approx(0.1 * math.log(4) + 1)
+    # the paper-equation ramp ("turns") is another curve: it differs by tens of percent on some pair
+    turns, _ = rope.yarn(d, theta, s, original_len=64, ramp="turns")
+    assert (turns / inv - 1).abs().max() > 0.3
+    with pytest.raises(ValueError):
+        rope.yarn(d, theta, s, original_len=64, ramp="nope")
+
+
+@pytest.mark.parametrize("d,theta,scale,orig", [(16, 1e4, 4.0, 64), (64, 1e4, 8.0, 512), (128, 5e5, 16.0, 4096),
+                                                 (16, 14.19, 8.0, 64)])
+def test_yarn_matches_transformers(d, theta, scale, orig):
+    """The reference implementation, when transformers is installed (it is optional)."""
+    rope_utils = pytest.importorskip("transformers.modeling_rope_utils")
+    from transformers import LlamaConfig
+    cfg = LlamaConfig(hidden_size=d * 2, num_attention_heads=2, max_position_embeddings=int(orig * scale),
+                      rope_theta=theta, rope_scaling={"rope_type": "yarn", "factor": scale,
+                                                      "original_max_position_embeddings": orig})
+    ref, ref_factor = rope_utils.ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+    inv, factor = rope.yarn(d, theta, scale, orig)
+    assert torch.allclose(inv, ref.float(), rtol=1e-6, atol=0)
+    assert factor == pytest.approx(ref_factor, rel=1e-6)
 
 
 def test_yarn_needs_the_original_length():
