@@ -69,3 +69,40 @@ def load_model(path, device="cpu"):
     model = build_model(ck, device)
     model.eval()
     return model, Vocab.from_state(ck["vocab"]), ck
+
+
+# ---- what a phase may start from (compatibility checks between phases) --------------------
+
+def load_teacher(path, key_digits, device="cpu"):
+    """A frozen teacher (phase 0) for KD, with its vocabulary and training window."""
+    teacher, vocab, ck = load_model(path, device)
+    if ck.get("phase") != 0:
+        raise CheckpointError(f"{path} is a phase-{ck.get('phase')} student checkpoint, not a teacher (phase 0)")
+    if ck["key_digits"] != key_digits:
+        raise CheckpointError(f"teacher {path} was trained with --key_digits {ck['key_digits']}, not {key_digits}")
+    if teacher.cfg.vocab_size != len(vocab):
+        raise CheckpointError(f"teacher {path} is inconsistent (vocab size)")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher, vocab, ck["window"]
+
+
+def load_student(path, cfg, vocab, short_len, key_digits, window, device="cpu"):
+    """The previous phase's student, checked against this phase (shape, vocabulary, windows), with cfg's RoPE."""
+    ck = load(path)
+    prev = GPTConfig(**ck["model_config"])
+    if ck.get("phase", 0) < 1:
+        raise CheckpointError(f"{path} is the teacher; a student phase must start from a student checkpoint (no cloning)")
+    if (prev.n_layer, prev.n_head, prev.n_embd) != (cfg.n_layer, cfg.n_head, cfg.n_embd):
+        raise CheckpointError(f"{path} has a {prev.n_layer}x{prev.n_head}x{prev.n_embd} student, "
+                              f"not the requested {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd} (--student_*)")
+    if Vocab.from_state(ck["vocab"]) != vocab:
+        raise CheckpointError(f"{path} uses another vocabulary than the teacher; retrain it with this teacher")
+    if ck["short_len"] != short_len or ck["key_digits"] != key_digits:
+        raise CheckpointError(f"{path} was trained with --short_len {ck['short_len']} --key_digits {ck['key_digits']}; "
+                              f"pass the same values to continue from it")
+    if ck["window"] >= window:
+        raise CheckpointError(f"{path} was trained at window {ck['window']} >= this phase's window {window}")
+    model = build_model(ck, device)
+    model.set_rope(cfg.rope)
+    return model

