@@ -63,7 +63,7 @@ def phasewise_theta(head_dim, context_len, turns=1.0):
     angle carries no position information there (wasted spectrum); with a smaller theta
     even the slowest pair wraps around several times and distant positions alias.  Each
     training phase therefore gets the smallest base whose spectrum still spans its window.
-    Example (d=16): 64 tokens -> theta 14.1, 256 -> 68.9, 1024 -> 337.
+    Example (d=16): 64 tokens -> theta 14.19, 256 -> 69.19, 1024 -> 337.4.
     """
     if context_len < 2:
         raise ValueError(f"context length must be >= 2, got {context_len}")

@@ -120,11 +120,15 @@ def test_schedule_per_rule():
         rope.schedule("nope", d, 256, 64, t1)
 
 
-def test_angles_are_float32_even_in_bf16_models():
+def test_angles_are_float32_and_exact_at_positions_bf16_cannot_hold():
+    """bf16 rounds 257 to 256 and 4097 to 4096; the angles come from the integer positions in fp32.
+    (That a bf16-cast model keeps these fp32 tables: tests/test_model.py.)"""
     inv = rope.base_inv_freq(16, 10000.0)
     cos, sin = rope.cos_sin(torch.tensor([[257, 4097]]), inv)
-    assert cos.dtype == torch.float32
+    assert cos.dtype == sin.dtype == torch.float32
     assert cos[0, 0, 0].item() == pytest.approx(math.cos(257.0), abs=1e-5)
+    assert sin[0, 1, 0].item() == pytest.approx(math.sin(4097.0), abs=1e-3)
+    assert abs(math.cos(257.0) - math.cos(256.0)) > 0.1  # so a bf16 position would be visibly wrong
 
 
 def test_bound_rule_reproduces_the_published_lower_bounds():
