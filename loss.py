@@ -18,44 +18,79 @@ Two implementations of the same number:
                   both output heads chunk by chunk, computing each chunk's gradient in
                   closed form inside the forward pass (Liger-style), so nothing has to be
                   recomputed or stored for the backward.  At T=8192 and the GPT-2 vocabulary
-                  one fp32 logits tensor is 1.5 GiB; a chunk of 2048 rows holds ~4 x 0.4 GiB.
+                  one fp32 logits tensor is 1.5 GiB; a chunk of 4096 rows holds 3 x 0.77 GiB, in
+                  buffers that the CPU keeps between steps (scratch()).
 """
 
 import torch
 import torch.nn.functional as F
 
 
-def _chunk_loss_and_grad(s, t, targets, w, mix, tau):
+# Reusable [chunk, V] float32 buffers, kept between steps on the CPU: a fresh tensor that size is
+# mmapped and every one of its pages faults on first touch, which cost more than the softmaxes
+# themselves (measured, tools/bench.py).  CUDA's caching allocator already reuses its blocks, and
+# holding them here would only keep them from the model's activations.
+_buffers = {}
+reuse_buffers = True  # False: fresh buffers every chunk (tools/bench.py --options times the difference)
+
+
+def scratch(slot, n, V, device):
+    """The `slot`-th reusable float32 [n, V] buffer (CPU), or a fresh one (other devices)."""
+    if not reuse_buffers or torch.device(device).type != "cpu":
+        return torch.empty(n, V, device=device)
+    key = (slot, str(device))
+    if key not in _buffers or _buffers[key].numel() < n * V:
+        _buffers.pop(key, None)  # release the small one first: the peak holds one of them, not both
+        _buffers[key] = torch.empty(n * V, device=device)
+    return _buffers[key][: n * V].view(n, V)
+
+
+def free_buffers():
+    """Return the reusable buffers' memory (e.g. after training, or before measuring a step's peak)."""
+    _buffers.clear()
+
+
+def _log_softmax_(x):
+    torch._log_softmax(x, 1, False, out=x)  # in place: the kernel reads each row's max and sum first
+    return x
+
+
+def _chunk_loss_and_grad(s, t, p, targets, w, mix, tau):
     """
     One chunk of rows: weighted sums (kd, ce) and d(loss)/d(student logits), in closed form:
         dKD/ds = tau * w * (softmax(s/tau) - softmax(t/tau))        (the tau^2 factor included)
         dCE/ds = w * (softmax(s) - onehot(target))
-    s, t: float32 logits [n, V] that this function may overwrite (the caller keeps no other
-    reference); t is None for pure CE; w [n] row weights.  Softmaxes are turned into gradients
-    in place, so a chunk needs about four [n, V] buffers at its peak.
+    s, t, p: float32 [n, V]: the student's and teacher's logits and a scratch buffer, all
+    overwritten (s becomes the returned gradient); t and p are None for pure CE; w [n] row weights.
+    Everything happens in place: with tau = 1, KD and CE share log softmax(s).
     """
     kd = ce = s.new_zeros(())
-    grad = None
-    if mix < 1:
-        log_p = torch.log_softmax(s, -1)
-        tgt = targets.clamp_min(0)[:, None]
+    tgt = targets.clamp_min(0)[:, None]
+    g_ce = None
+    if mix < 1 and (mix == 0 or tau != 1):  # CE's softmax is not KD's: its own pass (and buffer)
+        log_p = torch.log_softmax(s, -1) if mix > 0 else _log_softmax_(s)
         ce = -(w * log_p.gather(1, tgt)[:, 0]).sum()
-        grad = log_p.exp_()  # softmax(s), in place
-        grad.scatter_add_(1, tgt, grad.new_full(tgt.shape, -1.0))
-        grad.mul_(((1 - mix) * w)[:, None])
-    if mix > 0:
-        log_pt = torch.log_softmax(t / tau if tau != 1 else t, -1)
-        del t
-        log_ps = torch.log_softmax(s / tau if tau != 1 else s, -1)
-        del s
-        p_t = log_pt.exp()
-        # sum_v p_t (log p_t - log p_s) per row, as two row-wise dot products (no [n, V] temporary)
-        kd_rows = torch.einsum("nv,nv->n", p_t, log_pt) - torch.einsum("nv,nv->n", p_t, log_ps)
-        kd = tau ** 2 * (w * kd_rows).sum()
-        del log_pt
-        g_kd = log_ps.exp_().sub_(p_t).mul_((mix * tau * w)[:, None])
-        grad = g_kd if grad is None else grad.add_(g_kd)
-    return kd, ce, grad
+        g_ce = log_p.exp_()  # softmax(s), in place
+        g_ce.scatter_add_(1, tgt, g_ce.new_full(tgt.shape, -1.0))
+        g_ce.mul_(((1 - mix) * w)[:, None])
+        if mix == 0:
+            return kd, ce, g_ce
+    if tau != 1:
+        s.div_(tau)
+        t.div_(tau)
+    log_pt, log_ps = _log_softmax_(t), _log_softmax_(s)
+    p_t = torch.exp(log_pt, out=p)
+    # sum_v p_t (log p_t - log p_s) per row, in t's buffer (three cheap passes, fewer than two
+    # row-wise dot products); the difference is exactly 0 where the student equals the teacher
+    kd_rows = log_pt.sub_(log_ps).mul_(p_t).sum(1)
+    kd = tau ** 2 * (w * kd_rows).sum()
+    if g_ce is None and mix < 1:  # tau = 1: CE reads the same log softmax(s)
+        ce = -(w * log_ps.gather(1, tgt)[:, 0]).sum()
+        # w * (softmax(s) - mix * p_t - (1 - mix) * onehot)
+        grad = log_ps.exp_().sub_(p_t, alpha=mix).mul_(w[:, None])
+        return kd, ce, grad.scatter_add_(1, tgt, (-(1 - mix) * w)[:, None])
+    grad = log_ps.exp_().sub_(p_t).mul_((mix * tau * w)[:, None])
+    return kd, ce, grad if g_ce is None else grad.add_(g_ce)
 
 
 def reference_loss(s_logits, t_logits, targets, weights, mix=1.0, tau=1.0):
@@ -84,12 +119,21 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         Wf = W.detach().float()
         Wt = W_t.detach().float() if W_t is not None else None
         w_all = weights.float() / total
+        V = W.shape[0]
         for i in range(0, h.shape[0], chunk):
             rows = slice(i, i + chunk)
             hc = h[rows].detach().float()
-            kd, ce, g = _chunk_loss_and_grad(hc @ Wf.t(), h_t[rows].float() @ Wt.t() if Wt is not None else None,
-                                             targets[rows], w_all[rows], mix, tau)
-            grad_h[rows] = (g @ Wf).to(h.dtype)
+            n = hc.shape[0]
+            s = torch.mm(hc, Wf.t(), out=scratch(0, n, V, h.device))
+            t = p = None
+            if Wt is not None:
+                t = torch.mm(h_t[rows].float(), Wt.t(), out=scratch(1, n, V, h.device))
+                p = scratch(2, n, V, h.device)
+            kd, ce, g = _chunk_loss_and_grad(s, t, p, targets[rows], w_all[rows], mix, tau)
+            if grad_h.dtype == torch.float32:
+                torch.mm(g, Wf, out=grad_h[rows])
+            else:
+                grad_h[rows] = (g @ Wf).to(h.dtype)
             if W.requires_grad:
                 grad_W.addmm_(g.t(), hc)
             out += torch.stack([mix * kd + (1 - mix) * ce, kd, ce])

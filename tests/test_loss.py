@@ -74,3 +74,44 @@ def test_kd_without_teacher_is_an_error():
     h, W, _, _, tg, w = case()
     with pytest.raises(ValueError, match="teacher"):
         head_loss(h, W, tg, w, mix=1.0)
+
+
+@pytest.mark.parametrize("mix,tau", [(1.0, 1.0), (0.5, 1.0), (0.0, 1.0), (0.3, 2.0)])
+def test_reused_buffers_give_the_same_loss_and_gradients_as_fresh_ones(mix, tau):
+    """The reusable chunk buffers hold stale values from earlier (larger) calls: nothing may leak."""
+    import loss
+    results = []
+    for reuse in (False, True, True):  # the second reuse finds buffers full of the first one's values
+        loss.reuse_buffers = reuse
+        try:
+            h, W, ht, Wt, tg, w = case(seed=1)
+            out = head_loss(h, W, tg, w, ht, Wt, mix, tau, chunk=16)  # 37 rows: chunks of 16, 16, 5
+            out[0].backward()
+            results.append((out.detach(), h.grad, W.grad))
+        finally:
+            loss.reuse_buffers = True
+        if not reuse:
+            big = case(N=64, seed=2)  # fill the buffers with other values first
+            head_loss(*big[:2], big[4], big[5], big[2], big[3], mix, tau, chunk=64)
+    for got in results[1:]:
+        for a, b in zip(results[0], got):
+            assert torch.equal(a, b)
+
+
+def test_buffers_are_reused_across_calls_and_freed_on_request():
+    import loss
+    h, W, ht, Wt, tg, w = case()
+    head_loss(h, W, tg, w, ht, Wt, chunk=16)
+    ptrs = {k: b.data_ptr() for k, b in loss._buffers.items()}
+    assert len(ptrs) == 3  # student logits, teacher logits, teacher probabilities
+    head_loss(h, W, tg, w, ht, Wt, chunk=8)  # smaller chunks: views of the same memory
+    assert {k: b.data_ptr() for k, b in loss._buffers.items()} == ptrs
+    loss.free_buffers()
+    assert not loss._buffers
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_head_loss_is_exactly_zero_for_a_student_equal_to_its_teacher(tau):
+    h, W, ht, Wt, tg, w = case()
+    out = head_loss(ht.clone().requires_grad_(), Wt.clone().requires_grad_(), tg, w, ht, Wt, 1.0, tau, chunk=16)
+    assert out[0].item() == 0.0 and out[1].item() == 0.0
