@@ -9,6 +9,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import loss
+from distill import PRESETS
 
 STUDENT, TEACHER, V = (1, 2, 16), (2, 2, 24), 50
 
@@ -91,7 +93,7 @@ def test_json_has_the_headline_keys(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "load_transformers", lambda: None)  # as if transformers were absent
     out = tmp_path / "bench.json"
     bench.main(["--student", "1,2,8", "--teacher", "1,2,16", "--vocab", "32", "--windows", "8,16", "--tokens", "16",
-                "--warmup", "0", "--steps", "1", "--mem_vocab", "64", "--mem_window", "32", "--mem_warmup", "0",
+                "--warmup", "0", "--steps", "10", "--mem_vocab", "64", "--mem_window", "32", "--mem_warmup", "0",
                 "--matmul_n", "64", "--chunk", "8", "--json", str(out)])
     assert "transformers is not installed" in capsys.readouterr().out
     res = json.loads(out.read_text())
@@ -101,3 +103,71 @@ def test_json_has_the_headline_keys(tmp_path, monkeypatch, capsys):
     assert [r["variant"] for r in res["sweep"]] == ["ours", "naive"] * 2
     ours, naive = res["memory_point"]
     assert ours["first_loss"] == pytest.approx(naive["first_loss"], rel=1e-4, abs=1e-7)
+    assert res["timed_steps"] == 10 and res["chunk"] == 8
+    assert all(len(t) == 10 for w in res["step_times"].values() for t in w.values())
+    assert set(res["ratios"]) == {"ours/naive"}  # transformers absent: its two ratios are not made up
+    assert res["ratios"]["ours/naive"]["min"] <= res["ratios"]["ours/naive"]["median"] <= res["ratios"]["ours/naive"]["max"]
+    assert res["load"]["cores"] >= 1 and len(res["load"]["before"]) == 3 and len(res["load"]["after"]) == 3
+
+
+def test_interleaving_rotates_the_order_every_round():
+    calls = []
+    steps = {k: (lambda k=k: calls.append(k)) for k in ("ours", "naive", "transformers")}
+    times, order = bench.interleave(steps, warmup=1, rounds=4)
+    assert order == calls
+    assert calls == ["ours", "naive", "transformers",  # warm-up round
+                     "naive", "transformers", "ours",
+                     "transformers", "ours", "naive",
+                     "ours", "naive", "transformers",
+                     "naive", "transformers", "ours"]
+    assert {k: len(v) for k, v in times.items()} == {"ours": 4, "naive": 4, "transformers": 4}
+    assert all(a != b for a, b in zip(calls, calls[1:]))  # never the same variant twice in a row
+
+
+def test_ratios_and_their_spread_from_fixed_timings():
+    times = {"ours": [1.0, 2.0, 1.0], "naive": [2.0, 3.0, 4.0], "transformers": [3.0, 6.0, 2.0]}
+    r = bench.ratio_table(times)
+    assert r["ours/naive"] == {"median": 2.0, "min": 1.5, "max": 4.0}  # per round 2, 1.5, 4
+    assert r["naive/transformers"] == {"median": 1.5, "min": 0.5, "max": 2.0}  # 1.5, 2, 0.5
+    assert r["ours/transformers"] == {"median": 3.0, "min": 2.0, "max": 3.0}  # 3, 3, 2
+    other = {"ours": [1.0], "naive": [8.0]}  # a second window: ours/naive 8
+    overall = bench.overall_ratios({512: times, 1024: other})
+    assert overall["ours/naive"] == {"median": pytest.approx(4.0), "min": 1.5, "max": 8.0}  # geomean of 2 and 8
+    assert overall["ours/transformers"]["median"] == pytest.approx(3.0)  # only the window that has both
+    assert bench.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
+
+
+def test_busy_warning_counts_only_other_work():
+    assert bench.busy_warning([0.9, 0, 0], cores=2) is None
+    assert "load average 1.50 on 2 cores" in bench.busy_warning([1.5, 0, 0], cores=2)
+    assert bench.busy_warning([2.9, 0, 0], cores=2, own_threads=2) is None  # 0.9 is others'
+    assert bench.busy_warning([3.5, 0, 0], cores=2, own_threads=2) is not None
+    assert bench.busy_warning(None, cores=2) is None
+
+
+def test_default_chunk_is_the_presets_and_memory_steps_start_without_buffers(monkeypatch):
+    assert bench.parse_args([]).chunk == PRESETS["cpu"]["chunk"] == bench.parse_args(["--quick"]).chunk
+    assert bench.parse_args(["--quick"]).steps >= 10
+    chunks, buffers_at_start = [], []
+    real_step, real_start = bench.train_step, bench.mem_start
+    monkeypatch.setattr(bench, "train_step", lambda *a: (chunks.append(a[-1]), real_step(*a))[1])
+    monkeypatch.setattr(bench, "mem_start", lambda d: (buffers_at_start.append(len(loss._buffers)), real_start(d))[1])
+    args = bench.parse_args(["--quick"])
+    rows = bench.measure_memory(["ours", "naive"], STUDENT, TEACHER, V, 32, 1, "cpu", "float32", args.chunk, 1e9)
+    assert chunks == [PRESETS["cpu"]["chunk"]] * 4  # warm-up and measured step of both variants
+    assert buffers_at_start == [0, 0]  # the loss's reusable buffers are allocated inside the measured step
+    assert [r["variant"] for r in rows] == ["ours", "naive"] and rows[0]["peak_mib"] is not None
+
+
+def test_options_steps_run_and_restore_buffer_reuse(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda m: m)  # the compiled variant's wiring, not inductor itself
+    args = bench.parse_args(["--student", "1,2,8", "--teacher", "1,2,16", "--vocab", "32", "--windows", "8",
+                             "--tokens", "16", "--chunk", "8"])
+    idx, pos = bench.make_batch(8, 16, 32, "cpu")
+    steps = bench.option_steps(args, idx, pos)
+    assert list(steps) == list(bench.OPTIONS)
+    seen = []
+    monkeypatch.setattr(bench, "train_step", lambda *a: seen.append(loss.reuse_buffers))
+    for k in steps:
+        steps[k]()
+    assert seen == [k != "fresh buffers" for k in bench.OPTIONS] and loss.reuse_buffers

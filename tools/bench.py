@@ -7,15 +7,26 @@ Speed and memory of one distillation step, three ways, side by side in one proce
   transformers  LlamaForCausalLM teacher and student of the same shapes and a hand-written KD loop
                 (full logits + F.kl_div): what one would otherwise write.  Optional dependency.
 
-    python tools/bench.py --quick                 # reduced run, <= 5 min on 2 CPU cores
+    python tools/bench.py --quick                 # reduced shapes, same step count, <= 5 min on 2 CPU cores
     python tools/bench.py --json bench.json       # full run (longer), results + headline keys to a file
+    python tools/bench.py --options               # distill.py's choices: fused AdamW, torch.compile, threads
     python tools/bench.py --device cuda           # gpu preset shapes, bf16 autocast, MFU vs measured bf16 matmul
+
+Timing: after warm-up, `steps` rounds of one step per variant, the order rotated each round, so a
+change of machine load hits every variant alike; each variant reports the median step and its
+min-max, and each ratio the median of its per-round ratios with their min-max.  Three ratios:
+  ours/naive          the chunked loss (same layers)
+  naive/transformers  the layer code (same full-logits loss)
+  ours/transformers   both together
+The load average (before and after, with the core count) goes into the results; a warning is
+printed when other work holds more than half the cores.  Our loss runs at the preset's own chunk
+(distill.PRESETS: 4096 rows on the CPU, 8192 on the GPU).
 
 Reported per window: tokens/s, peak memory of a step, model FLOPs per token and the achieved
 fraction of the machine's own matmul FLOP/s (a square matmul timed in the same run).
 A separate memory point runs all variants at the longest window (8192) with the full GPT-2
 vocabulary, where B*T*V logits dominate.  Headline keys of --json:
-  speedup_vs_transformers  our tokens/s / theirs (geometric mean over the sweep's windows)
+  speedup_vs_transformers  ours/transformers (geometric mean over the windows of the per-window medians)
   memory_vs_naive          our peak step memory / naive's, at the memory point
   matmul_fraction          our achieved model FLOP/s / measured matmul FLOP/s, at the shortest
                            window of the sweep (the one nearest the preset's own windows)
@@ -30,6 +41,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -38,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 import torch.nn.functional as F
 
+import loss
 from distill import PRESETS
 from loss import head_loss
 from model import GPT, GPTConfig
@@ -53,15 +66,18 @@ def preset_shape(preset, who):
 # the attention term grows.
 SETUPS = {
     "cpu": dict(student=preset_shape("cpu", "student"), teacher=preset_shape("cpu", "teacher"), vocab=4096,
-                windows=[1024, 4096, 8192], tokens=16384, warmup=1, steps=3,
+                windows=[1024, 4096, 8192], tokens=16384, warmup=2, steps=10, chunk=PRESETS["cpu"]["chunk"],
                 mem_vocab=50257, mem_window=8192, mem_warmup=1, dtype="float32"),
     "cuda": dict(student=preset_shape("gpu", "student"), teacher=preset_shape("gpu", "teacher"), vocab=50257,
-                 windows=[1024, 4096, 8192], tokens=32768, warmup=2, steps=5,
+                 windows=[1024, 4096, 8192], tokens=32768, warmup=2, steps=10, chunk=PRESETS["gpu"]["chunk"],
                  mem_vocab=50257, mem_window=8192, mem_warmup=1, dtype="bfloat16"),
 }
-QUICK = {"cpu": dict(windows=[512, 1024, 2048], tokens=4096, warmup=1, steps=2, mem_warmup=0),
-         "cuda": dict(windows=[1024, 8192], warmup=1, steps=3)}
+# --quick shrinks the shapes and tokens, never the number of timed steps.
+QUICK = {"cpu": dict(windows=[512, 1024, 2048], tokens=4096, warmup=1, mem_warmup=0),
+         "cuda": dict(windows=[1024, 8192], warmup=1)}
 VARIANTS = ("ours", "naive", "transformers")
+RATIOS = {"ours/naive": ("ours", "naive"), "naive/transformers": ("naive", "transformers"),
+          "ours/transformers": ("ours", "transformers")}  # name: (faster candidate, reference)
 THETA = 1e4
 
 
@@ -188,8 +204,9 @@ def llama(shape, vocab, max_len):
     return tf.LlamaForCausalLM(cfg)
 
 
-def build(kind, student_shape, teacher_shape, vocab, max_len, device):
-    """(student, teacher, optimizer) for one variant; ours and naive get identical initial weights."""
+def build(kind, student_shape, teacher_shape, vocab, max_len, device, fused=None):
+    """(student, teacher, optimizer) for one variant; ours and naive get identical initial weights.
+    fused: AdamW's fused kernel (None: as distill.py, fused on CUDA only)."""
     make = (lambda s: gpt(s, vocab)) if kind != "transformers" else (lambda s: llama(s, vocab, max_len))
     with torch.device(device):
         torch.manual_seed(0)
@@ -197,7 +214,7 @@ def build(kind, student_shape, teacher_shape, vocab, max_len, device):
         torch.manual_seed(1)
         teacher = make(teacher_shape).eval()
     teacher.requires_grad_(False)
-    fused = True if device.startswith("cuda") else None
+    fused = fused if fused is not None else (True if device.startswith("cuda") else None)
     if kind == "transformers":
         opt = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), fused=fused)
     else:
@@ -240,60 +257,145 @@ def train_step(kind, student, teacher, opt, idx, pos, amp, chunk):
     return loss.detach()
 
 
+# ---- interleaved timing and its statistics ---------------------------------------------------
+
+def interleave(steps, warmup, rounds, sync_fn=lambda: None):
+    """
+    Time `rounds` rounds of one call per entry of `steps` (name -> callable), after `warmup`
+    untimed rounds.  Round r starts at entry r (mod n) and goes round, so that no variant always
+    runs first (after the others' frees) or last.  Returns {name: [seconds per round]} and the
+    order in which the calls were made.
+    """
+    names = list(steps)
+    times, order = {k: [] for k in names}, []
+    for r in range(warmup + rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            steps[k]()
+            sync_fn()
+            order.append(k)
+            if r >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return times, order
+
+
+def spread(xs):
+    """{median, min, max} of a list of numbers."""
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def round_ratios(times, fast, ref):
+    """Per-round speedups of `fast` over `ref` (ref's step time / fast's, within the same round)."""
+    return [r / f for f, r in zip(times[fast], times[ref])]
+
+
+def ratio_table(times):
+    """{ratio name: spread of its per-round values} for the ratios whose variants both ran."""
+    return {name: spread(round_ratios(times, f, r)) for name, (f, r) in RATIOS.items()
+            if times.get(f) and times.get(r)}
+
+
+def geomean(xs):
+    return math.exp(statistics.fmean(map(math.log, xs))) if xs else None
+
+
+def load_state():
+    """1-, 5- and 15-minute load averages (None where the OS has none)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def busy_warning(load, cores, own_threads=0):
+    """A one-line warning when other work holds more than half the cores, else None."""
+    if load is None or load[0] - own_threads <= 0.5 * cores:
+        return None
+    return (f"warning: load average {load[0]:.2f} on {cores} cores"
+            f"{f' ({own_threads} of it this benchmark)' if own_threads else ''}: other work competes, timings are noisy")
+
+
 # ---- the measurements ------------------------------------------------------------------------
 
+def amp_context(device, dtype):
+    return (torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)) if dtype != "float32"
+            else contextlib.nullcontext())
+
+
+def make_batch(T, tokens, vocab, device):
+    B = max(1, tokens // T)
+    g = torch.Generator().manual_seed(T)
+    idx = torch.randint(0, vocab, (B, T), generator=g).to(device)
+    return idx, torch.arange(T, device=device).expand(B, T)
+
+
+def memory_step(kind, model, idx, pos, amp, chunk, device):
+    """(seconds, peak bytes or None, loss) of one step measured from a clean baseline: weights, optimizer
+    state and batch, without last step's gradients and without the loss's reusable buffers (the step
+    allocates them again, so they count)."""
+    model[2].zero_grad(set_to_none=True)
+    loss.free_buffers()
+    base = mem_start(device)
+    t0 = time.perf_counter()
+    out = train_step(kind, *model, idx, pos, amp, chunk)
+    sync(device)
+    dt = time.perf_counter() - t0
+    return dt, mem_peak(device, base), float(out)
+
+
+def row(kind, T, B, step_s, mem, first_loss, student_shape, teacher_shape, vocab, peak):
+    fpt = step_flops_per_token(student_shape, teacher_shape, vocab, T,
+                               llama_intermediate if kind == "transformers" else None)
+    achieved = fpt * B * T / step_s
+    return {"window": T, "rows": B, "variant": kind, "step_s": step_s, "tok_s": B * T / step_s,
+            "peak_mib": None if mem is None else mem / 2 ** 20, "gflop_per_token": fpt / 1e9,
+            "achieved_gflops": achieved / 1e9, "matmul_fraction": achieved / peak, "first_loss": first_loss}
+
+
 def measure(kinds, student_shape, teacher_shape, vocab, windows, tokens, warmup, steps, device, dtype, chunk, peak):
-    """Rows of results for each window x variant: `warmup` untimed steps, `steps` timed steps (their
-    median), then one step whose peak memory is measured (untimed: resetting the memory counters
-    makes the step fault its pages in afresh; when steps == 0 its time is reported instead).
-    Variants alternate step by step so that a change of machine load slows all of them alike."""
-    amp = (torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)) if dtype != "float32"
-           else contextlib.nullcontext())
+    """
+    Per window: `warmup` + `steps` interleaved rounds (interleave()), then one step per variant whose peak
+    memory is measured (untimed: resetting the memory counters makes it fault its pages in afresh).
+    Returns (rows, {window: {variant: [step seconds]}}).
+    """
+    amp = amp_context(device, dtype)
     models = {k: build(k, student_shape, teacher_shape, vocab, max(windows), device) for k in kinds}
-    rows = []
+    rows, all_times = [], {}
     for T in windows:
-        B = max(1, tokens // T)
-        g = torch.Generator().manual_seed(T)
-        idx = torch.randint(0, vocab, (B, T), generator=g).to(device)
-        pos = torch.arange(T, device=device).expand(B, T)
-        times, mems, losses, failed = {k: [] for k in kinds}, {}, {}, {}
-        for i in range(warmup + steps + 1):
-            memory_step = i == warmup + steps
-            for k in kinds:
-                if k in failed:
-                    continue
-                if memory_step:  # the baseline: weights, optimizer state and batch, without last step's gradients
-                    models[k][2].zero_grad(set_to_none=True)
-                base = mem_start(device) if memory_step else None
-                t0 = time.perf_counter()
-                try:
-                    loss = train_step(k, *models[k], idx, pos, amp, chunk)
-                except torch.OutOfMemoryError:
-                    failed[k] = "out of memory"
-                    models[k][2].zero_grad(set_to_none=True)
-                    if device.startswith("cuda"):
-                        torch.cuda.empty_cache()
-                    continue
-                sync(device)
-                dt = time.perf_counter() - t0
-                losses.setdefault(k, float(loss))  # the first step's loss: ours and naive must agree
-                if memory_step:
-                    mems[k] = mem_peak(device, base)
-                if i >= warmup and (steps == 0 or not memory_step):
-                    times[k].append(dt)
+        idx, pos = make_batch(T, tokens, vocab, device)
+        first = {}
+
+        def step_fn(k):
+            def run():
+                out = train_step(k, *models[k], idx, pos, amp, chunk)
+                first.setdefault(k, float(out))  # the first step's loss: ours and naive must agree
+            return run
+
+        times, _ = interleave({k: step_fn(k) for k in kinds}, warmup, steps, lambda: sync(device))
+        all_times[T] = times
         for k in kinds:
-            row = {"window": T, "rows": B, "variant": k}
-            if k in failed:
-                rows.append({**row, "error": failed[k]})
-                continue
-            step_s = statistics.median(times[k])
-            fpt = step_flops_per_token(student_shape, teacher_shape, vocab, T,
-                                       llama_intermediate if k == "transformers" else None)
-            achieved = fpt * B * T / step_s
-            rows.append({**row, "step_s": step_s, "tok_s": B * T / step_s,
-                         "peak_mib": None if mems[k] is None else mems[k] / 2 ** 20,
-                         "gflop_per_token": fpt / 1e9, "achieved_gflops": achieved / 1e9,
-                         "matmul_fraction": achieved / peak, "first_loss": losses[k]})
+            mem = memory_step(k, models[k], idx, pos, amp, chunk, device)[1]
+            rows.append({**row(k, T, idx.shape[0], statistics.median(times[k]), mem, first[k],
+                               student_shape, teacher_shape, vocab, peak),
+                         "step_min_s": min(times[k]), "step_max_s": max(times[k])})
+    return rows, all_times
+
+
+def measure_memory(kinds, student_shape, teacher_shape, vocab, T, warmup, device, dtype, chunk, peak):
+    """The memory point: one row of T tokens, each variant alone (its models built, warmed, measured, freed);
+    an out-of-memory variant gets an error row."""
+    amp, rows = amp_context(device, dtype), []
+    idx, pos = make_batch(T, T, vocab, device)
+    for k in kinds:
+        model = build(k, student_shape, teacher_shape, vocab, T, device)
+        try:
+            for _ in range(warmup):
+                train_step(k, *model, idx, pos, amp, chunk)
+            dt, mem, first = memory_step(k, model, idx, pos, amp, chunk, device)
+            rows.append(row(k, T, 1, dt, mem, first, student_shape, teacher_shape, vocab, peak))
+        except torch.OutOfMemoryError:
+            rows.append({"window": T, "rows": 1, "variant": k, "error": "out of memory"})
+        del model
+        loss.free_buffers()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -303,16 +405,26 @@ def fmt(x, spec):
 
 def print_table(title, rows):
     print(f"\n{title}")
-    print(f"{'window':>7} {'rows':>4}  {'variant':<13}{'tokens/s':>10} {'step s':>8} {'peak MiB':>9} "
+    print(f"{'window':>7} {'rows':>4}  {'variant':<13}{'tokens/s':>10} {'step s':>8} {'min-max s':>13} {'peak MiB':>9} "
           f"{'GFLOP/tok':>10} {'GFLOP/s':>9} {'of matmul':>9} {'1st loss':>9}")
     for r in rows:
         head = f"{r['window']:>7} {r['rows']:>4}  {r['variant']:<13}"
         if "error" in r:
             print(head + f"  ({r['error']})")
             continue
-        print(head + f"{r['tok_s']:>10,.0f} {r['step_s']:>8.3f} {fmt(r['peak_mib'], '>9,.0f')} "
+        mm = f"{r['step_min_s']:.3f}-{r['step_max_s']:.3f}" if "step_min_s" in r else "(one step)"
+        print(head + f"{r['tok_s']:>10,.0f} {r['step_s']:>8.3f} {mm:>13} {fmt(r['peak_mib'], '>9,.0f')} "
               f"{r['gflop_per_token']:>10.4f} {r['achieved_gflops']:>9.1f} {r['matmul_fraction']:>9.1%} "
               f"{r['first_loss']:>9.4f}")
+
+
+def print_ratios(ratios_by_window, overall):
+    print("\nspeedups, median of per-round ratios [min-max over rounds]")
+    print(f"{'window':>7}  " + "  ".join(f"{n:>22}" for n in overall))
+    for T, rt in ratios_by_window.items():
+        print(f"{T:>7}  " + "  ".join(f"{rt[n]['median']:>8.2f}x [{rt[n]['min']:.2f}-{rt[n]['max']:.2f}]"
+                                      if n in rt else f"{'-':>22}" for n in overall))
+    print(f"{'all':>7}  " + "  ".join(f"{o['median']:>8.2f}x [{o['min']:.2f}-{o['max']:.2f}]" for o in overall.values()))
 
 
 def pick(rows, variant, window=None):
@@ -322,26 +434,116 @@ def pick(rows, variant, window=None):
     return None
 
 
-def headlines(sweep, mem_rows, windows, mem_window):
-    ratios = [pick(sweep, "ours", T)["tok_s"] / pick(sweep, "transformers", T)["tok_s"] for T in windows
-              if pick(sweep, "ours", T) and pick(sweep, "transformers", T)]
+def overall_ratios(all_times):
+    """Per ratio: geometric mean over windows of the per-window medians, min-max over all rounds."""
+    out = {}
+    for name, (f, r) in RATIOS.items():
+        per = [round_ratios(t, f, r) for t in all_times.values() if t.get(f) and t.get(r)]
+        if per:
+            out[name] = {"median": geomean([statistics.median(p) for p in per]),
+                         "min": min(map(min, per)), "max": max(map(max, per))}
+    return out
+
+
+def headlines(sweep, mem_rows, windows, mem_window, ratios):
     ours_m, naive_m = pick(mem_rows, "ours", mem_window), pick(mem_rows, "naive", mem_window)
     first = pick(sweep, "ours", windows[0])
     return {
-        "speedup_vs_transformers": math.exp(statistics.fmean(map(math.log, ratios))) if ratios else None,
+        "speedup_vs_transformers": ratios["ours/transformers"]["median"] if "ours/transformers" in ratios else None,
         "memory_vs_naive": (ours_m["peak_mib"] / naive_m["peak_mib"]
                             if ours_m and naive_m and ours_m["peak_mib"] and naive_m["peak_mib"] else None),
         "matmul_fraction": first["matmul_fraction"] if first else None,
     }
 
 
+# ---- distill.py's own choices (--options) ----------------------------------------------------
+
+OPTIONS = ("ours", "fused AdamW", "compiled", "fresh buffers")
+THREADS = {"1 run x 2 threads": (1, 2), "2 runs x 1 thread": (2, 1), "2 runs x 2 threads": (2, 2)}
+
+
+def option_steps(args, idx, pos):
+    """Our step as distill.py runs it on the CPU ("ours": foreach AdamW, eager, reused loss buffers) and
+    with one choice changed each."""
+    amp, dev = amp_context(args.device, args.dtype), args.device
+    made = {k: build("ours", args.student, args.teacher, args.vocab, idx.shape[1], dev,
+                     fused=True if k == "fused AdamW" else None) for k in OPTIONS}
+    s, t, o = made["compiled"]
+    made["compiled"] = torch.compile(s), torch.compile(t), o  # what distill.py --compile does
+
+    def step(k):
+        def run():
+            loss.reuse_buffers = k != "fresh buffers"
+            try:
+                train_step("ours", *made[k], idx, pos, amp, args.chunk)
+            finally:
+                loss.reuse_buffers = True
+        return run
+    return {k: step(k) for k in OPTIONS}
+
+
+def worker(args):
+    """--worker N: N threads, `steps` timed steps of ours after warm-up; prints their times as JSON."""
+    torch.set_num_threads(args.worker)
+    model = build("ours", args.student, args.teacher, args.vocab, args.windows[0], args.device)
+    idx, pos = make_batch(args.windows[0], args.tokens, args.vocab, args.device)
+    amp = amp_context(args.device, args.dtype)
+    step = lambda: train_step("ours", *model, idx, pos, amp, args.chunk)  # noqa: E731
+    times = interleave({"ours": step}, args.warmup, args.steps)[0]["ours"]
+    print(json.dumps({"times": times}))
+
+
+def thread_runs(args, rounds=2):
+    """Aggregate tokens/s of 1 or 2 simultaneous runs (separate processes) at 1 or 2 threads each; the
+    configurations alternate, `rounds` times each.  tools/ablate.py runs its jobs 2 at a time."""
+    common = [a for k in ("student", "teacher") for a in (f"--{k}", ",".join(map(str, getattr(args, k))))]
+    common += ["--vocab", str(args.vocab), "--windows", str(args.windows[0]), "--tokens", str(args.tokens),
+               "--warmup", str(args.warmup), "--steps", str(args.steps), "--chunk", str(args.chunk)]
+    tokens = max(1, args.tokens // args.windows[0]) * args.windows[0]
+    res = {k: [] for k in THREADS}
+    for r in range(rounds):
+        names = list(THREADS)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            runs, threads = THREADS[name]
+            procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(threads)] + common,
+                                      stdout=subprocess.PIPE, text=True) for _ in range(runs)]
+            outs = [p.communicate()[0] for p in procs]
+            if any(p.returncode for p in procs):
+                raise RuntimeError(f"a benchmark worker failed ({name})")
+            res[name].append(sum(tokens / statistics.median(json.loads(o.splitlines()[-1])["times"]) for o in outs))
+    return {k: spread(v) for k, v in res.items()}
+
+
+def run_options(args, head_line):
+    idx, pos = make_batch(args.windows[0], args.tokens, args.vocab, args.device)
+    print(f"{head_line}\noptions of our step: student {args.student}, teacher {args.teacher}, vocab {args.vocab}, "
+          f"{idx.shape[0]} x {idx.shape[1]} tokens, chunk {args.chunk}, {args.warmup} warm-up + {args.steps} rounds")
+    times, _ = interleave(option_steps(args, idx, pos), args.warmup, args.steps, lambda: sync(args.device))
+    table = {k: {**spread(v), "speedup": spread(round_ratios(times, k, "ours"))} for k, v in times.items()}
+    print(f"\n{'variant':<16}{'step s':>8} {'min-max s':>13}   speedup vs ours [min-max over rounds]")
+    for k, t in table.items():
+        s = t["speedup"]
+        print(f"{k:<16}{t['median']:>8.3f} {t['min']:>6.3f}-{t['max']:.3f}   {s['median']:.2f}x [{s['min']:.2f}-{s['max']:.2f}]")
+    threads = None
+    if args.device == "cpu":
+        threads = thread_runs(args)
+        print("\nsimultaneous runs (separate processes), aggregate tokens/s [min-max over rounds]")
+        for k, t in threads.items():
+            print(f"{k:<20}{t['median']:>10,.0f} [{t['min']:,.0f}-{t['max']:,.0f}]")
+    return {"options": table, "threads": threads}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda uses the gpu preset shapes and bf16)")
-    p.add_argument("--quick", action="store_true", help="reduced run (CPU: <= 5 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="reduced shapes and tokens, same step count (CPU: <= 5 min on 2 cores)")
     p.add_argument("--json", default=None, help="write all results and the headline keys to this file")
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS),
                    help="comma-separated subset of ours,naive,transformers")
+    p.add_argument("--options", action="store_true",
+                   help="instead: our step with fused AdamW / torch.compile / fresh loss buffers, and 1 or 2 runs at "
+                        "once at 1 or 2 threads each (CPU)")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # a thread_runs() child: its thread count
     p.add_argument("--tf32", action="store_true",
                    help="CUDA: allow TF32 for fp32 matmuls (our loss's head matmuls run in fp32; distill.py leaves TF32 off)")
     p.add_argument("--no_memory_point", action="store_true", help="skip the full-vocabulary memory point")
@@ -352,19 +554,19 @@ def parse_args(argv=None):
     g.add_argument("--vocab", type=int, help="vocabulary of the sweep (CPU default: distill.py's compact 4096)")
     g.add_argument("--windows", type=lambda s: [int(x) for x in s.split(",")], help="comma-separated windows")
     g.add_argument("--tokens", type=int, help="tokens per step (rows = tokens / window, at least 1)")
-    g.add_argument("--warmup", type=int, help="untimed steps per variant and window")
-    g.add_argument("--steps", type=int, help="timed steps per variant and window")
+    g.add_argument("--warmup", type=int, help="untimed rounds per window")
+    g.add_argument("--steps", type=int, help="timed rounds (one step per variant each) per window")
     g.add_argument("--mem_vocab", type=int, help="vocabulary of the memory point (GPT-2: 50257)")
     g.add_argument("--mem_window", type=int, help="window of the memory point (one row)")
     g.add_argument("--mem_warmup", type=int, help="steps before the memory point's one measured step")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], help="autocast dtype (weights stay fp32)")
-    g.add_argument("--chunk", type=int, default=2048, help="rows per chunk of our loss (head_loss)")
+    g.add_argument("--chunk", type=int, help="rows per chunk of our loss (default: the preset's, 4096 CPU / 8192 GPU)")
     g.add_argument("--matmul_n", type=int, help="size of the square reference matmul (CPU 1024, CUDA 8192)")
     args = p.parse_args(argv)
     if not args.variants or set(args.variants) - set(VARIANTS):
         p.error(f"--variants must name some of {','.join(VARIANTS)}")
-    if (args.steps or 1) < 1 or (args.tokens or 1) < 1 or (args.chunk or 1) < 1:
-        p.error("--steps, --tokens and --chunk must be positive")
+    if any((getattr(args, k) or 1) < 1 for k in ("steps", "tokens", "chunk", "worker")) or (args.warmup or 0) < 0:
+        p.error("--steps, --tokens and --chunk must be positive, --warmup not negative")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -377,16 +579,38 @@ def parse_args(argv=None):
     return args
 
 
+def write_json(path, out):
+    with open(path, "w") as fh:
+        json.dump(out, fh, indent=1)
+    print(f"results -> {path}")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.worker:
+        return worker(args)
     t0 = time.time()
     dev, kind = args.device, "cuda" if args.device.startswith("cuda") else "cpu"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    where = torch.cuda.get_device_name(dev) if kind == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"bench: torch {torch.__version__}, {where}, {args.dtype}, load average {load:.2f} before start "
-          f"(timings are noisy when other work runs)")
+    cores, threads = os.cpu_count(), torch.get_num_threads()
+    load = {"before": load_state(), "cores": cores, "threads": threads}
+    where = torch.cuda.get_device_name(dev) if kind == "cuda" else f"CPU, {threads} threads"
+    head_line = (f"bench: torch {torch.__version__}, {where}, {args.dtype}, load average "
+                 f"{fmt(load['before'] and load['before'][0], '.2f')} on {cores} cores before start")
+    warn = busy_warning(load["before"], cores)
+    if warn:
+        print(warn)
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    if args.options:
+        out = run_options(args, head_line)
+        load["after"] = load_state()
+        print(f"bench took {time.time() - t0:.0f} s")
+        if args.json:
+            write_json(args.json, {**out, "device": where, "torch": torch.__version__, "load": load,
+                                   "config": {k: getattr(args, k) for k in ("student", "teacher", "vocab", "windows",
+                                                                            "tokens", "warmup", "steps", "chunk")}})
+        return out
+    print(head_line)
     kinds = [k for k in VARIANTS if k in args.variants]
     tf = load_transformers() if "transformers" in kinds else None
     if tf is not None:
@@ -401,12 +625,17 @@ def main(argv=None):
     peak = matmul_flops(dev, mm_dtype, n)
     fpt = step_flops_per_token(args.student, args.teacher, args.vocab, args.windows[0])
     print(f"student {args.student}, teacher {args.teacher} (layers, heads, width), vocab {args.vocab}, "
-          f"{args.tokens} tokens/step, {args.warmup} warm-up + {args.steps} timed + 1 memory step;\n"
+          f"{args.tokens} tokens/step, chunk {args.chunk}, {args.warmup} warm-up + {args.steps} timed rounds "
+          f"(one step per variant, order rotated) + 1 memory step;\n"
           f"model FLOPs/token = 3 x fwd(student) + fwd(teacher), fwd = 2*(12*L*C^2 + V*C) + 2*L*C*T "
           f"({fpt / 1e6:.2f} MFLOP at T={args.windows[0]})")
 
-    sweep = measure(kinds, args.student, args.teacher, args.vocab, args.windows, args.tokens, args.warmup,
-                    args.steps, dev, args.dtype, args.chunk, peak)
+    sweep, all_times = measure(kinds, args.student, args.teacher, args.vocab, args.windows, args.tokens, args.warmup,
+                               args.steps, dev, args.dtype, args.chunk, peak)
+    load["after_timing"] = load_state()
+    warn = busy_warning(load["after_timing"], cores, threads)
+    if warn:
+        print(warn.replace("warning:", "warning: during timing,"))
     mem_rows = []
     if not args.no_memory_point:
         # One row of mem_window tokens at the full vocabulary: B*T*V logits dominate the naive step.
@@ -415,37 +644,44 @@ def main(argv=None):
         if kind == "cpu" and hasattr(os, "sysconf") and need > os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
             mem_kinds = ["ours"]
             print(f"memory point: the full-logits variants need ~{need / 2 ** 30:.0f} GiB, more than is free: only ours runs")
-        mem_rows = measure(mem_kinds, args.student, args.teacher, args.mem_vocab, [args.mem_window], args.mem_window,
-                           args.mem_warmup, 0, dev, args.dtype, args.chunk, peak)
+        mem_rows = measure_memory(mem_kinds, args.student, args.teacher, args.mem_vocab, args.mem_window,
+                                  args.mem_warmup, dev, args.dtype, args.chunk, peak)
     peak = max(peak, matmul_flops(dev, mm_dtype, n))  # again at the end: the better of the two readings
+    load["after"] = load_state()
     for r in sweep + mem_rows:
         if "error" not in r:
             r["matmul_fraction"] = r["achieved_gflops"] * 1e9 / peak
 
     print(f"\nmeasured {args.dtype} matmul ({n}^3, best of start and end): {peak / 1e9:,.1f} GFLOP/s")
-    print_table(f"speed: vocab {args.vocab}, {args.tokens} tokens per step", sweep)
+    print_table(f"speed: vocab {args.vocab}, {args.tokens} tokens per step, median of {args.steps} steps", sweep)
     if mem_rows:
-        print_table(f"memory point: vocab {args.mem_vocab}, one row of {args.mem_window} tokens, one step after "
-                    f"{args.mem_warmup} warm-up (peak = memory a step adds above weights, optimizer state, batch)",
-                    mem_rows)
-    head = headlines(sweep, mem_rows, args.windows, args.mem_window)
+        print_table(f"memory point: vocab {args.mem_vocab}, one row of {args.mem_window} tokens, chunk {args.chunk}, "
+                    f"one step after {args.mem_warmup} warm-up (peak = memory a step adds above weights, optimizer "
+                    f"state, batch)", mem_rows)
+    by_window = {T: ratio_table(t) for T, t in all_times.items()}
+    ratios = overall_ratios(all_times)
+    if ratios:
+        print_ratios(by_window, ratios)
+    head = headlines(sweep, mem_rows, args.windows, args.mem_window, ratios)
     print(f"\nspeedup_vs_transformers {fmt(head['speedup_vs_transformers'], '.2f')} "
-          f"(our tokens/s / theirs, geometric mean over windows {args.windows})")
+          f"(ours/transformers, geometric mean over windows {args.windows} of per-window medians)")
     print(f"memory_vs_naive         {fmt(head['memory_vs_naive'], '.3f')} "
-          f"(our peak / naive peak, T={args.mem_window}, vocab {args.mem_vocab})")
+          f"(our peak / naive peak, T={args.mem_window}, vocab {args.mem_vocab}, chunk {args.chunk})")
     print(f"matmul_fraction         {fmt(head['matmul_fraction'], '.1%')} "
           f"(our model FLOP/s / measured matmul FLOP/s, T={args.windows[0]}, vocab {args.vocab})")
-    print(f"bench took {time.time() - t0:.0f} s")
+    print(f"load average (1 min) {fmt(load['before'] and load['before'][0], '.2f')} before, "
+          f"{fmt(load['after'] and load['after'][0], '.2f')} after ({threads} threads of it this benchmark's), "
+          f"{cores} cores; bench took {time.time() - t0:.0f} s")
     if args.json:
-        out = {**head, "device": where, "torch": torch.__version__, "dtype": args.dtype, "quick": args.quick,
-               "tf32": args.tf32, "transformers": tf.__version__ if tf is not None else None, "matmul_gflops": peak / 1e9,
-               "load_average_before": load,
-               "config": {k: getattr(args, k) for k in ("student", "teacher", "vocab", "windows", "tokens", "warmup",
-                                                        "steps", "mem_vocab", "mem_window", "chunk")},
-               "sweep": sweep, "memory_point": mem_rows}
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=1)
-        print(f"results -> {args.json}")
+        write_json(args.json, {
+            **head, "device": where, "torch": torch.__version__, "dtype": args.dtype, "quick": args.quick,
+            "tf32": args.tf32, "transformers": tf.__version__ if tf is not None else None, "matmul_gflops": peak / 1e9,
+            "timed_steps": args.steps, "chunk": args.chunk, "load": load, "ratios": ratios,
+            "ratios_by_window": {str(T): r for T, r in by_window.items()},
+            "config": {k: getattr(args, k) for k in ("student", "teacher", "vocab", "windows", "tokens", "warmup",
+                                                     "steps", "mem_vocab", "mem_window", "chunk")},
+            "sweep": sweep, "memory_point": mem_rows,
+            "step_times": {str(T): t for T, t in all_times.items()}})
     return head
 
 
