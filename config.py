@@ -93,7 +93,7 @@ def parse_args(argv=None):
     g("--snippets", choices=data.SNIPPETS, default="random",
       help="the data design: where a window's short documents come from: random places, one source text, "
            "consecutive pieces of one text (= long data cut up), or with repeats of earlier documents")
-    g("--passkey_frac", type=float, default=0.5, help="share of student documents that are short passkey documents")
+    g("--passkey_frac", type=float, default=0.5, help="share of student documents that are short passkey documents (exactly, but for a window's last, cut-short one)")
     g("--teacher_curriculum", type=float, default=0.6,
       help="teacher documents grow from short to the full window over this fraction of its steps (0 = off)")
     g("--curriculum", type=float, default=0.0, help="the same for a student phase on long documents (--data_mode long)")
