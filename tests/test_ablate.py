@@ -45,30 +45,46 @@ def test_channel_needs_an_existing_teacher(tmp_path, capsys):
     assert err.count("\n") == 2 and not (tmp_path / "c.json").exists()
 
 
-def test_transfer_channel_is_zero_under_document_masking_and_positive_across_documents(tiny_corpus):
-    """A model that cannot see other documents (attention masked) has an empty channel by construction."""
+def channel_by_hand(model, vocab, sampler, window, rows, seed=0):
+    """KL(full window || current document) per quarter, the document side computed by running each
+    document ALONE (its own tokens, its window positions, no mask): an independent reference for
+    what document masking must give."""
+    rng = np.random.default_rng(seed)  # the same windows as ablate.transfer_channel draws
+    b = data.make_batch([data.pack(sampler, rng, window) for _ in range(rows)], vocab)
+    pos = torch.arange(window).expand(rows, window)
+    full = torch.log_softmax(model(b["idx"], pos), -1)
+    alone = torch.empty_like(full)
+    for r in range(rows):
+        for d in b["doc"][r].unique():
+            at = (b["doc"][r] == d).nonzero()[:, 0]
+            alone[r, at] = torch.log_softmax(model(b["idx"][r, at][None], pos[r, at][None]), -1)[0]
+    kl = (full.exp() * (full - alone)).sum(-1)
+    quarters, valid = torch.arange(window) * 4 // window, b["targets"] >= 0
+    return [float(kl[valid & (quarters == q)].mean()) for q in range(4)]
+
+
+def test_transfer_channel_is_the_teacher_seeing_other_documents(tiny_corpus, monkeypatch):
+    """The channel KL(full || doc) equals the teacher's shift when each document runs alone (so the
+    'doc' side truly sees one document) and is > 0 (the 'full' side truly sees the others).  With the
+    document mask broken (plain causal), the same comparison fails: the check can fail."""
+    import model as model_module
     torch.manual_seed(0)
     vocab = data.Vocab.gpt2()
     teacher = GPT(GPTConfig(vocab_size=len(vocab), n_layer=1, n_head=2, n_embd=16)).eval()
     sampler = data.DocSampler(tiny_corpus, 8, 24)
+    with torch.no_grad():
+        [w.mul_(3) for w in teacher.parameters() if w.dim() > 1]  # sharper attention than at init: a clear signal
+        want = channel_by_hand(teacher, vocab, sampler, window=96, rows=2)
     ch = ablate.transfer_channel(teacher, vocab, sampler, window=96, short=24, rows=2)
-    quarters = ("q1", "q2", "q3", "q4")
-    assert all(ch[q]["kl_full_doc"] > 0 for q in quarters)  # cross-document context changes the output
+    got = [ch[q]["kl_full_doc"] for q in ("q1", "q2", "q3", "q4")]
+    assert all(w > 1e-4 for w in want)  # other documents change the output
+    assert got == pytest.approx(want, rel=1e-3, abs=1e-6)
 
-    class DocMasked(torch.nn.Module):  # the same model, but it always masks documents
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, idx, pos, doc=None):
-            return self.m(idx, pos, torch.from_numpy(np.asarray(self.doc)))
-
-    rng = np.random.default_rng(0)
-    b = data.make_batch([data.pack(sampler, rng, 96) for _ in range(2)], vocab)
-    wrapped = DocMasked(teacher)
-    wrapped.doc = b["doc"]
-    ch = ablate.transfer_channel(wrapped, vocab, sampler, window=96, short=24, rows=2)
-    assert all(abs(ch[q]["kl_full_doc"]) < 1e-5 and ch[q]["top1_changed"] == 0 for q in quarters)
+    causal = lambda doc: torch.ones(doc.shape[1], doc.shape[1], dtype=torch.bool).tril()[None, None]  # noqa: E731
+    monkeypatch.setattr(model_module, "doc_causal_mask", causal)  # a document mask that masks nothing
+    broken = ablate.transfer_channel(teacher, vocab, sampler, window=96, short=24, rows=2)
+    assert all(broken[q]["kl_full_doc"] < 1e-6 for q in ("q2", "q3", "q4"))
+    assert broken["q2"]["kl_full_doc"] != pytest.approx(want[1], rel=1e-3, abs=1e-6)
 
 
 def test_answer_targets_reads_own_and_earlier_keys():
@@ -84,3 +100,23 @@ def test_answer_targets_reads_own_and_earlier_keys():
     assert out["n"] == 1
     assert out["own_key_full"] == pytest.approx(0.35) and out["other_keys_full"] == pytest.approx(0.25)
     assert out["own_key_doc"] == pytest.approx(0.46) and out["other_keys_doc"] == pytest.approx(0.0)
+
+
+def test_smoke_runs_the_cpu_ablation_path(tmp_path, capsys):
+    """--smoke: the cpu preset's real path (both teachers, phase 1, the variants, evaluation, summary) with tiny models."""
+    results = tmp_path / "ablation.json"
+    code = ablate.main(["--smoke", "--preset", "cpu", "--out", str(tmp_path / "runs"), "--results", str(results),
+                        "--png", "", "--variants", "kd,ce,kd-fixed,kd-mismatch,ce-long"])
+    assert code == 0
+    r = json.loads(results.read_text())
+    assert set(r["cells"]) == {"teacher", "phase1", "kd-s0", "ce-s0", "kd-fixed-s0", "kd-mismatch-s0", "ce-long-s0"}
+    assert (tmp_path / "runs" / "shared_docmask" / "phase0.pt").exists()  # kd-mismatch's own, document-masked teacher
+    s = r["summary"]
+    assert s["seeds"] == 1 and s["long_distance_from"] == 256 and s["rope"] == "phasewise"
+    for k in ("phase1_window_acc", "ref_long_acc", "kd_long_acc", "ce_long_acc", "phasewise_long_acc", "fixed_long_acc"):
+        assert 0 <= s[k] <= 1, k
+    assert r["variants"]["kd-fixed"]["rope"] == "fixed" and r["setup"]["window"] == 512
+    theta = lambda p: torch.load(tmp_path / "runs" / p, weights_only=True)["model_config"]["rope"]["theta"]  # noqa: E731
+    assert theta("kd-fixed-s0/phase2.pt") == theta("shared/phase1.pt") != theta("kd-s0/phase2.pt")  # fixed = phase 1's base
+    out = capsys.readouterr().out
+    assert "upper reference (ce-long" in out and "KD on short documents" in out and "CE on short documents" in out

@@ -7,7 +7,10 @@ its documents after logit distillation -- and better than its cross-entropy twin
     python tools/ablate.py --report             # print the README table from results/ablation.json
 
 From ONE teacher and ONE phase-1 student, each variant runs the extension phase on the same
-short packed data and is evaluated the same way:
+short packed data and is evaluated the same way.  The teacher is trained with cross-document
+packing, as the students see their packed windows (kd-mismatch: a document-masked teacher
+queried across documents, the inconsistent setup whose only long-range signal is other
+documents' keys).  Evaluation:
   * passkey retrieval (eval_retrieval.py) from the short window to twice the extended window,
     summarised by key distance (tokens between the needle's key and the answer);
   * held-out text loss by quarter of the extended window (perplexity vs position);
@@ -17,6 +20,7 @@ Results go to results/ablation.json (small, committed); --report turns it into t
 """
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -36,26 +40,35 @@ import eval_retrieval
 
 # name: distill.py flags of the extension phase (everything else is shared)
 VARIANTS = {
-    "kd":         [],                                        # the method: KD, phase-wise base, cross-document
-    "ce":         ["--loss", "ce"],                          # its cross-entropy twin on the very same data
-    "kd+ce":      ["--loss", "mix", "--mix", "0.5"],
-    "kd-fixed":   ["--rope", "fixed"],                       # phase 1's base kept
-    "ce-fixed":   ["--loss", "ce", "--rope", "fixed"],       # ... and its CE twin: is a fixed-base gain the loss's?
-    "kd-yarn":    ["--rope", "yarn"],                        # phase 1's base, YaRN-stretched
-    "kd-docmask": ["--packing", "doc_mask"],                 # attention only within each document
-    "ce-docmask": ["--loss", "ce", "--packing", "doc_mask"],
-    "ce-long":    ["--loss", "ce", "--data_mode", "long"],   # upper reference: long documents (what the method avoids)
+    "kd":           [],                                        # the method: KD, the shared RoPE rule, cross-document
+    "ce":           ["--loss", "ce"],                          # its cross-entropy twin on the very same data
+    "kd+ce":        ["--loss", "mix", "--mix", "0.5"],
+    "kd-phasewise": ["--rope", "phasewise"],                   # a new base per window (the paper's reading)
+    "kd-fixed":     ["--rope", "fixed"],                       # phase 1's base kept
+    "ce-fixed":     ["--loss", "ce", "--rope", "fixed"],       # ... and its CE twin: is a fixed-base gain the loss's?
+    "kd-bound":     ["--rope", "bound"],                       # the smallest base meeting Men et al.'s bound per window
+    "ce-bound":     ["--loss", "ce", "--rope", "bound"],
+    "kd-yarn":      ["--rope", "yarn"],                        # phase 1's base, YaRN-stretched
+    "kd-docmask":   ["--packing", "doc_mask"],                 # attention only within each document
+    "ce-docmask":   ["--loss", "ce", "--packing", "doc_mask"],
+    "kd-mismatch":  [],                                        # KD from --mismatch_teacher (document-masked)
+    # upper reference: long documents (what the method avoids), grown by a curriculum like the teacher's
+    "ce-long":      ["--loss", "ce", "--data_mode", "long", "--curriculum", "0.6"],
 }
+OPTIONAL = ("kd+ce",)  # not in the default list
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/ablation", help="folder of all runs")
     p.add_argument("--results", default="results/ablation.json", help="where the summary JSON goes")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    p.add_argument("--variants", default=None, help=f"comma-separated subset of {list(VARIANTS)} (default: all but "
+                   f"{', '.join(OPTIONAL)} and the RoPE variants that only repeat the shared rule)")
     p.add_argument("--seeds", type=int, default=2, help="extension-phase seeds per variant")
     p.add_argument("--teacher", default=None, help="reuse this teacher (default: OUT/shared/phase0.pt, trained if missing)")
     p.add_argument("--init", default=None, help="reuse this phase-1 student (default: OUT/shared/phase1.pt, trained if missing)")
+    p.add_argument("--mismatch_teacher", default=None, help="kd-mismatch's teacher, document-masked "
+                   "(default: OUT/shared_docmask/phase0.pt, trained with --teacher_packing doc_mask if missing)")
     p.add_argument("--flags", default="", help="extra distill.py flags for every phase (a data design, e.g. '--snippets repeat')")
     p.add_argument("--window", type=int, default=None, help="the extension phase's window (default: the teacher's)")
     p.add_argument("--steps", type=int, default=None, help="extension-phase steps per run (default: the preset's, as distill.py)")
@@ -63,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU thread each)")
     p.add_argument("--n", type=int, default=10, help="passkey prompts per (length, depth) cell")
     p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto: every run and the evaluation")
+    p.add_argument("--smoke", action="store_true",
+                   help="the whole path in well under a minute: distill.py --smoke, every variant, 1 seed, 1 prompt per cell")
     p.add_argument("--report", action="store_true", help="only print the table of an existing results file")
     p.add_argument("--channel", action="store_true",
                    help="only the transfer-channel diagnostic of --teacher on each data design (DESIGNS) -> --results")
@@ -71,64 +87,133 @@ def parse_args(argv=None):
 
 
 def distill_args(args, phase=2):
-    """The distill.py command line shared by every run (preset, design flags, the two windows)."""
-    flags = ["--preset", args.preset, *args.flags.split()]
+    """The distill.py command line shared by every run (preset, consistent teacher, design flags, the two windows)."""
+    flags = ["--preset", args.preset, "--teacher_packing", "cross_doc", "--device", args.device,
+             *(["--smoke"] if args.smoke else []), *args.flags.split()]
     base = distill.parse_args(["--phase", "1", *flags])
     args.window = args.window or base.teacher_window
     return ["--phase", str(phase), *flags, "--windows", f"{base.short_len},{args.window}"]  # parse_args checks the flags
 
 
+def without_theta1(cmd):
+    """A command line without --theta1 (and its value)."""
+    out, skip = [], False
+    for a in cmd:
+        if not skip and not a.startswith("--theta1"):
+            out.append(a)
+        skip = a == "--theta1"
+    return out
+
+
+def extension_flags(args, name, theta1):
+    """
+    A variant's extension-phase flags.  RoPE variants start from phase 1's actual base: the
+    rules that keep or stretch a base (fixed, pi, ntk, yarn) get --theta1 = phase 1's base, the
+    rules that choose every base (phasewise, bound) get none -- so 'fixed' means phase 1's base
+    kept, whatever rule trained phase 1.
+    """
+    cmd = without_theta1(distill_args(args, 2) + VARIANTS[name])
+    rule = distill.parse_args(cmd).rope
+    return VARIANTS[name] if rule in ("phasewise", "bound") else [*VARIANTS[name], "--theta1", repr(theta1)], rule
+
+
+def default_variants(args):
+    """Every variant but the optional ones and the RoPE variants whose rule is the shared one (= kd / ce)."""
+    shared = distill.parse_args(distill_args(args, 1)).rope
+    def repeats(flags):
+        return "--rope" in flags and flags[flags.index("--rope") + 1] == shared
+    return [n for n, f in VARIANTS.items() if n not in OPTIONAL and not repeats(f)]
+
+
 def distill_cmd(args, out, phase, extra=()):
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "distill.py")
-    return [sys.executable, script, *distill_args(args, phase), "--out", out, *extra]
+    base = distill_args(args, phase)
+    return [sys.executable, script, *(without_theta1(base) if "--theta1" in extra else base), "--out", out, *extra]
 
 
-def run(cmd, log, threads):
+class Finished:
+    """A distill.py run already done in this process (--smoke), with the interface of a Popen."""
+    def __init__(self, returncode):
+        self.returncode = returncode
+
+    def poll(self):
+        return self.returncode
+
+    wait = poll
+
+
+def run(cmd, log, threads, inline=False):
+    """distill.py in a subprocess with `threads` CPU threads; inline (--smoke): in this process, which
+    saves the interpreter and torch start-up that dominates a tiny run."""
+    if inline:
+        with open(log, "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+            try:
+                return Finished(distill.main(cmd[2:]))
+            except SystemExit as e:
+                return Finished(e.code if isinstance(e.code, int) else 1)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(log, "w") as fh:
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
 
 
 def train_all(args, names):
-    """Teacher and phase 1 (both threads), then every variant x seed (`jobs` at a time)."""
+    """Teacher and phase 1 (both threads), then the document-masked teacher if needed and every variant x seed
+    (`jobs` at a time; kd-mismatch waits for its teacher)."""
     shared = os.path.join(args.out, "shared")
     os.makedirs(shared, exist_ok=True)
     teacher = args.teacher or os.path.join(shared, "phase0.pt")
     init = args.init or os.path.join(shared, "phase1.pt")
+    mismatch = args.mismatch_teacher or os.path.join(args.out, "shared_docmask", "phase0.pt")
     if not os.path.exists(init):  # trains the teacher first if it is missing
         print(f"training the shared teacher and phase-1 student in {shared} (log: {shared}/train.log)", flush=True)
         extra = ["--teacher", teacher] if args.teacher else []
-        if run(distill_cmd(args, shared, 1, extra), os.path.join(shared, "train.log"), 2).wait():
+        if run(distill_cmd(args, shared, 1, extra), os.path.join(shared, "train.log"), 2, args.smoke).wait():
             sys.exit(f"error: shared phases failed, see {shared}/train.log")
+    theta1 = checkpoint.load(init)["model_config"]["rope"]["theta"]
     queue = [(name, seed) for name in names for seed in range(args.seeds)]
-    running, done = [], []
+    if "kd-mismatch" in names and not os.path.exists(mismatch):
+        queue.insert(0, ("teacher-docmask", 0))
+    running, done, rules = [], [], {}
     t0 = time.time()
     while queue or running:
-        while queue and len(running) < args.jobs:
-            name, seed = queue.pop(0)
+        ready = [q for q in queue if q[0] != "kd-mismatch" or os.path.exists(mismatch)]
+        if queue and not ready and not running:
+            sys.exit(f"error: kd-mismatch needs its teacher at {mismatch} (a phase0.pt), which was not written")
+        while ready and len(running) < args.jobs:
+            name, seed = ready.pop(0)
+            queue.remove((name, seed))
+            if name == "teacher-docmask":
+                out = os.path.dirname(mismatch) or "."
+                os.makedirs(out, exist_ok=True)
+                cmd = distill_cmd(args, out, 0, ["--teacher_packing", "doc_mask"])
+                running.append((name, seed, mismatch, run(cmd, os.path.join(out, "train.log"), 1, args.smoke)))
+                continue
             out = os.path.join(args.out, f"{name}-s{seed}")
             ckpt = os.path.join(out, "phase2.pt")
+            flags, rules[name] = extension_flags(args, name, theta1)
             if os.path.exists(ckpt):
                 done.append((name, seed, ckpt))
                 continue
             os.makedirs(out, exist_ok=True)
-            cmd = distill_cmd(args, out, 2, ["--teacher", teacher, "--init", init, "--seed", str(seed),
-                                             "--eval_n", "2", *(["--steps", str(args.steps)] if args.steps else []),
-                                             *(["--batch", str(args.batch)] if args.batch else []), *VARIANTS[name]])
-            running.append((name, seed, ckpt, run(cmd, os.path.join(out, "train.log"), 1)))
-        time.sleep(1)
+            cmd = distill_cmd(args, out, 2, ["--teacher", mismatch if name == "kd-mismatch" else teacher, "--init", init,
+                                             "--seed", str(seed), "--eval_n", "1" if args.smoke else "2",
+                                             *(["--steps", str(args.steps)] if args.steps else []),
+                                             *(["--batch", str(args.batch)] if args.batch else []), *flags])
+            running.append((name, seed, ckpt, run(cmd, os.path.join(out, "train.log"), 1, args.smoke)))
+        time.sleep(0.2 if args.smoke else 1)
         for item in [r for r in running if r[3].poll() is not None]:
             running.remove(item)
             name, seed, ckpt, proc = item
             if proc.returncode:
                 sys.exit(f"error: {name} seed {seed} failed, see {os.path.dirname(ckpt)}/train.log")
-            done.append((name, seed, ckpt))
+            if name != "teacher-docmask":
+                done.append((name, seed, ckpt))
             print(f"  {name} seed {seed} done ({(time.time() - t0) / 60:.1f} min)", flush=True)
-    return teacher, init, done
+    return teacher, init, done, rules
 
 
 @torch.no_grad()
-def transfer_channel(teacher, vocab, sampler, window, short, rows=16, seed=0):
+def transfer_channel(teacher, vocab, sampler, window, short, rows=16, seed=0, device="cpu"):
     """
     What KD can carry beyond a document, per quarter of the window: for the teacher on packed
     short-document windows (continuous positions), compare its next-token distribution with
@@ -144,7 +229,7 @@ def transfer_channel(teacher, vocab, sampler, window, short, rows=16, seed=0):
     T = window
     t = torch.arange(T)
     near_mask = ((t[:, None] - t[None, :] < short) & (t[None, :] <= t[:, None]))[None, None].expand(rows, 1, T, T)
-    logp = {name: torch.log_softmax(teacher(b["idx"], pos, m), -1)
+    logp = {name: torch.log_softmax(teacher(b["idx"].to(device), pos.to(device), m if m is None else m.to(device)).float(), -1).cpu()
             for name, m in (("full", None), ("doc", b["doc"]), ("near", near_mask))}
     valid = b["targets"] >= 0
     tgt = b["targets"].clamp_min(0)[..., None]
@@ -192,13 +277,13 @@ DESIGNS = {"random": [], "same_source": ["--snippets", "same_source"], "repeat":
 
 def channel_by_design(args):
     """The diagnostic of one teacher on every data design (32 packed validation windows each)."""
-    teacher, vocab, _ = checkpoint.load_model(args.teacher)
+    teacher, vocab, _ = checkpoint.load_model(args.teacher, args.dev)
     corpus, out = None, {}
     for name, flags in DESIGNS.items():
         dargs = distill.parse_args(distill_args(args) + flags)
         corpus = corpus or data.load_corpus(dargs.data)
         sampler, _ = distill.sampler_for(dargs, corpus, 2, split="val")
-        out[name] = ch = transfer_channel(teacher, vocab, sampler, args.window, dargs.short_len, rows=32)
+        out[name] = ch = transfer_channel(teacher, vocab, sampler, args.window, dargs.short_len, rows=32, device=args.dev)
         q = [ch[f"q{i}"] for i in range(1, 5)]
         a = ch["answers"]
         print(f"{name:12s} KL(full||doc) " + " ".join(f"{x['kl_full_doc']:.3f}" for x in q) +
@@ -212,9 +297,19 @@ def channel_by_design(args):
     return 0
 
 
-def evaluate(model, vocab, corpus, lengths, n, window, digits):
-    recs = eval_retrieval.passkey(model, vocab, lengths, n=n, digits=digits)
-    return {"records": recs, "text_loss_by_quarter": eval_retrieval.text_loss_by_position(model, vocab, corpus, window)}
+def evaluate(model, vocab, corpus, lengths, n, window, digits, device):
+    recs = eval_retrieval.passkey(model, vocab, lengths, n=n, digits=digits, device=device)
+    return {"records": recs,
+            "text_loss_by_quarter": eval_retrieval.text_loss_by_position(model, vocab, corpus, window, device=device)}
+
+
+def resolve_device(name):
+    """'auto' -> cuda, mps or cpu (as distill.py); an unavailable device is a usage error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if (name.startswith("cuda") and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
+        raise distill.UsageError(f"--device {name} is not available here (use --device cpu)")
+    return name
 
 
 def buckets_for(args):
@@ -234,9 +329,12 @@ def main(argv=None):
         args.png = os.path.splitext(args.results)[0] + ".png"
     if args.report:
         return report(args.results, args.png)
-    names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
+    if args.smoke:
+        args.seeds, args.n, args.variants = 1, 1, args.variants or ",".join(VARIANTS)
     try:
+        dev = resolve_device(args.device)
+        names = args.variants.split(",") if args.variants else default_variants(args)
+        unknown = [n for n in names if n not in VARIANTS]
         if unknown or args.seeds < 1 or args.jobs < 1:
             raise distill.UsageError(f"unknown variants {unknown} (choose from {list(VARIANTS)}), or --seeds/--jobs < 1")
         dargs = distill.parse_args(distill_args(args))
@@ -250,29 +348,30 @@ def main(argv=None):
             return 2
         torch.set_num_threads(2)
         try:
+            args.dev = dev
             return channel_by_design(args)
         except (checkpoint.CheckpointError, data.DataError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     t0 = time.time()
-    teacher_path, init_path, done = train_all(args, names)
+    teacher_path, init_path, done, rules = train_all(args, names)
     train_min = (time.time() - t0) / 60
     print(f"training done in {train_min:.1f} min; evaluating", flush=True)
     torch.set_num_threads(2)
     corpus = data.load_corpus(dargs.data)
     lengths = eval_retrieval.default_lengths(args.window, shortest=args.short)
-    teacher, vocab, tck = checkpoint.load_model(teacher_path)
-    student1, _, s1ck = checkpoint.load_model(init_path)
+    teacher, vocab, tck = checkpoint.load_model(teacher_path, dev)
+    student1, _, s1ck = checkpoint.load_model(init_path, dev)
     digits = tck["key_digits"]
-    cells = {"teacher": evaluate(teacher, vocab, corpus, lengths, args.n, args.window, digits),
-             "phase1": evaluate(student1, vocab, corpus, lengths, args.n, args.window, digits)}
+    cells = {"teacher": evaluate(teacher, vocab, corpus, lengths, args.n, args.window, digits, dev),
+             "phase1": evaluate(student1, vocab, corpus, lengths, args.n, args.window, digits, dev)}
     for name, seed, ckpt in done:
-        model, _, ck = checkpoint.load_model(ckpt)
-        cells[f"{name}-s{seed}"] = {**evaluate(model, vocab, corpus, lengths, args.n, args.window, digits),
+        model, _, ck = checkpoint.load_model(ckpt, dev)
+        cells[f"{name}-s{seed}"] = {**evaluate(model, vocab, corpus, lengths, args.n, args.window, digits, dev),
                                     "final_loss": ck["final_loss"], "train_minutes": round(ck["train_time_s"] / 60, 2)}
     sampler, _ = distill.sampler_for(dargs, corpus, 2, split="val")
-    channel = transfer_channel(teacher, vocab, sampler, args.window, args.short)
-    results = summarise(args, names, cells, channel, lengths, tck, s1ck, train_min, (time.time() - t0) / 60)
+    channel = transfer_channel(teacher, vocab, sampler, args.window, args.short, device=dev)
+    results = summarise(args, names, rules, cells, channel, lengths, tck, s1ck, train_min, (time.time() - t0) / 60)
     os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
     with open(args.results, "w") as fh:
         json.dump(results, fh, indent=1)
@@ -286,7 +385,7 @@ def seed_cells(cells, name):
     return [c for k, c in cells.items() if k == name or k.rsplit("-s", 1)[0] == name]
 
 
-def summarise(args, names, cells, channel, lengths, tck, s1ck, train_min, total_min):
+def summarise(args, names, rules, cells, channel, lengths, tck, s1ck, train_min, total_min):
     buckets = buckets_for(args)
     table = {}
     for key, cell in cells.items():
@@ -303,12 +402,16 @@ def summarise(args, names, cells, channel, lengths, tck, s1ck, train_min, total_
         accs = long_accs(name)
         return float(np.mean(accs)) if accs else None
 
+    def under(loss, rule):  # the variant of this loss whose extension phase used this RoPE rule (kd, or kd-RULE)
+        return next((mean_of(n) for n in (loss, f"{loss}-{rule}") if n in names and rules.get(n) == rule), None)
+
     variants = {}
     for name in ["teacher", "phase1"] + names:
         accs = long_accs(name)
         variants[name] = {"long_acc_mean": mean_of(name), "long_acc_min": min(accs, default=None),
                           "long_acc_max": max(accs, default=None), "flags": VARIANTS.get(name, []),
-                          "seeds": len(seed_cells(table, name))}
+                          "rope": rules.get(name), "seeds": len(seed_cells(table, name))}
+    phase1_window = eval_retrieval.accuracy(cells["phase1"]["records"], length=args.short)
     return {
         "command": "python tools/ablate.py " + " ".join(sys.argv[1:]),
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
@@ -320,10 +423,12 @@ def summarise(args, names, cells, channel, lengths, tck, s1ck, train_min, total_
                   "teacher": {"window": tck["window"], "config": tck["model_config"], "lineage": tck["lineage"]},
                   "phase1": {"lineage": s1ck["lineage"], "final_loss_kd_ce": s1ck["final_loss"]},
                   "distance_buckets": [f"{lo}-{hi}" for lo, hi in buckets]},
-        "summary": {"kd_long_acc": mean_of("kd"), "ce_long_acc": mean_of("ce"),
-                    "phasewise_long_acc": mean_of("kd"), "fixed_long_acc": mean_of("kd-fixed"),
-                    "ce_fixed_long_acc": mean_of("ce-fixed"),
-                    "long_distance_from": 4 * args.short},
+        "summary": {"phase1_window_acc": phase1_window, "phase1_long_acc": mean_of("phase1"),
+                    "ref_long_acc": mean_of("ce-long"), "kd_long_acc": mean_of("kd"), "ce_long_acc": mean_of("ce"),
+                    "phasewise_long_acc": under("kd", "phasewise"), "fixed_long_acc": under("kd", "fixed"),
+                    "bound_long_acc": under("kd", "bound"), "ce_fixed_long_acc": under("ce", "fixed"),
+                    "kd_mismatch_long_acc": mean_of("kd-mismatch"), "seeds": args.seeds,
+                    "rope": rules.get("kd"), "long_distance_from": 4 * args.short},
         "variants": variants,
         "transfer_channel": channel,
         "cells": table,
@@ -382,6 +487,14 @@ def report(path, png=""):
         fl = " / ".join(f"{m:.3f}" if m else "-" for m in mean_of)  # 0 = that loss was not computed
         print(f"| {name} | {len(cells)} | {accs} | {spread([c['long_acc'] for c in cells])} | {text} | {fl} |")
     print("\nsummary:", json.dumps(r["summary"]))
+    sm, fmt = r["summary"], lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    if "ref_long_acc" in sm:  # results files of this layout
+        far = f"at key distance >= {sm['long_distance_from']}"
+        print(f"  lower reference (phase 1): {fmt(sm['phase1_window_acc'])} inside its {r['setup']['short_len']}-token "
+              f"window, {fmt(sm['phase1_long_acc'])} {far}")
+        print(f"  upper reference (ce-long, long documents): {fmt(sm['ref_long_acc'])} {far}")
+        print(f"  KD on short documents (kd): {fmt(sm['kd_long_acc'])} {far}")
+        print(f"  CE on short documents (ce): {fmt(sm['ce_long_acc'])} {far}")
     print("transfer channel (teacher, packed short documents):")
     for q, v in r["transfer_channel"].items():
         if q == "answers":
