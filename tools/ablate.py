@@ -297,10 +297,10 @@ def channel_by_design(args):
     return 0
 
 
-def evaluate(model, vocab, corpus, lengths, n, window, digits, device):
-    recs = eval_retrieval.passkey(model, vocab, lengths, n=n, digits=digits, device=device)
-    return {"records": recs,
-            "text_loss_by_quarter": eval_retrieval.text_loss_by_position(model, vocab, corpus, window, device=device)}
+def evaluate(model, vocab, corpus, lengths, args, digits, device):
+    recs = eval_retrieval.passkey(model, vocab, lengths, n=args.n, digits=digits, device=device)
+    loss = eval_retrieval.text_loss_by_position(model, vocab, corpus, args.window, n_windows=4 if args.smoke else 16, device=device)
+    return {"records": recs, "text_loss_by_quarter": loss}
 
 
 def resolve_device(name):
@@ -359,18 +359,18 @@ def main(argv=None):
     print(f"training done in {train_min:.1f} min; evaluating", flush=True)
     torch.set_num_threads(2)
     corpus = data.load_corpus(dargs.data)
-    lengths = eval_retrieval.default_lengths(args.window, shortest=args.short)
+    lengths = [args.short, args.window] if args.smoke else eval_retrieval.default_lengths(args.window, shortest=args.short)
     teacher, vocab, tck = checkpoint.load_model(teacher_path, dev)
     student1, _, s1ck = checkpoint.load_model(init_path, dev)
     digits = tck["key_digits"]
-    cells = {"teacher": evaluate(teacher, vocab, corpus, lengths, args.n, args.window, digits, dev),
-             "phase1": evaluate(student1, vocab, corpus, lengths, args.n, args.window, digits, dev)}
+    cells = {"teacher": evaluate(teacher, vocab, corpus, lengths, args, digits, dev),
+             "phase1": evaluate(student1, vocab, corpus, lengths, args, digits, dev)}
     for name, seed, ckpt in done:
         model, _, ck = checkpoint.load_model(ckpt, dev)
-        cells[f"{name}-s{seed}"] = {**evaluate(model, vocab, corpus, lengths, args.n, args.window, digits, dev),
+        cells[f"{name}-s{seed}"] = {**evaluate(model, vocab, corpus, lengths, args, digits, dev),
                                     "final_loss": ck["final_loss"], "train_minutes": round(ck["train_time_s"] / 60, 2)}
     sampler, _ = distill.sampler_for(dargs, corpus, 2, split="val")
-    channel = transfer_channel(teacher, vocab, sampler, args.window, args.short, device=dev)
+    channel = transfer_channel(teacher, vocab, sampler, args.window, args.short, rows=2 if args.smoke else 16, device=dev)
     results = summarise(args, names, rules, cells, channel, lengths, tck, s1ck, train_min, (time.time() - t0) / 60)
     os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
     with open(args.results, "w") as fh:
