@@ -277,7 +277,7 @@ def record(args, s, model):
 def end_of_phase_eval(args, s, corpus, device, elapsed, stats):
     lengths = eval_retrieval.default_lengths(s.window)
     records = eval_retrieval.passkey(s.model, s.vocab, lengths, n=args.eval_n, digits=args.key_digits, device=device)
-    text = eval_retrieval.text_loss_by_position(s.model, s.vocab, corpus, s.window, device=device)
+    text = eval_retrieval.text_loss_by_position(s.model, s.vocab, corpus, s.window, n_windows=2 * args.eval_n, device=device)
     print(f"\npasskey retrieval after phase {s.phase} (teacher-forced exact match, {args.eval_n} prompts per cell):")
     print(eval_retrieval.format_table([f"phase{s.phase}"], [records], lengths, eval_retrieval.DEPTHS))
     print(f"held-out text loss by quarter of the {s.window}-token window: " + " ".join(f"{x:.3f}" for x in text))
