@@ -15,6 +15,15 @@ from distill import PRESETS
 STUDENT, TEACHER, V = (1, 2, 16), (2, 2, 24), 50
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: a second thread only adds synchronisation (4x slower on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def models():
     student, teacher, _ = bench.build("ours", STUDENT, TEACHER, V, 64, "cpu")
     return student, teacher
