@@ -146,6 +146,13 @@ def test_ratios_and_their_spread_from_fixed_timings():
     assert bench.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
 
 
+@pytest.mark.parametrize("bad", [["--steps", "0"], ["--chunk", "0"], ["--warmup", "-1"], ["--variants", "ours,x"]])
+def test_bad_arguments_are_one_line_errors(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(bad)
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
 def test_busy_warning_counts_only_other_work():
     assert bench.busy_warning([0.9, 0, 0], cores=2) is None
     assert "load average 1.50 on 2 cores" in bench.busy_warning([1.5, 0, 0], cores=2)
