@@ -32,7 +32,7 @@ import data
 import eval_retrieval
 import rope
 from config import PRESETS, TEACHER_DATA, UsageError, parse_args  # noqa: F401 (PRESETS: read by the tools)
-from loss import head_loss
+from loss import free_buffers, head_loss
 from model import GPT, GPTConfig
 
 # ---- what each phase trains --------------------------------------------------------------
@@ -180,6 +180,7 @@ def run_phase(args, phase, corpus, device, rank, world):
               f"vocab {len(s.vocab)}, {s.steps} steps x {s.batch} x {s.window} tokens, init {s.lineage}")
     t0 = time.time()
     stats = train_loop(args, s, device, rank, world)
+    free_buffers()  # the loss's reusable [chunk, V] scratch: not needed by the eval or the next phase
     elapsed = time.time() - t0
     if rank == 0:
         final = {**record(args, s, s.model), "step": s.steps, "train_time_s": round(elapsed, 1), "final_loss": stats.tolist()}
