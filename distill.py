@@ -154,7 +154,7 @@ def setup_phase(args, phase, corpus, device, rank):
     s.sampler, s.max_doc = sampler_for(args, corpus, phase)
     too_many_epochs = data.epoch_warning(corpus, s.steps * s.batch * s.window)
     if too_many_epochs:
-        say(rank, f"warning: {too_many_epochs}")
+        say(rank, too_many_epochs)
     s.optimizer = s.model.configure_optimizer(s.lr, args.weight_decay, fused=True if device.startswith("cuda") else None)
     s.rng = np.random.default_rng([args.seed, phase, 7])
     s.partial, s.start = ckpt_path(args, phase, partial=True), 0
