@@ -132,18 +132,21 @@ def init_student(args, phase, vocab, device):
     return checkpoint.load_student(path, cfg, vocab, args.short_len, args.key_digits, window_of(args, phase), device), path
 
 
-def setup_phase(args, phase, corpus, device, rank):
+def setup_phase(args, phase, corpus, device, rank, world):
     """Everything one phase needs, as a namespace: models, vocabulary, data, optimizer, where to resume."""
     s = argparse.Namespace(phase=phase, window=window_of(args, phase), teacher=None, mix=0.0)
+    # rows per step: the teacher's as given; a student's shrink with its window (the same tokens per step)
+    s.batch = args.teacher_batch if phase == 0 else max(1, args.batch * args.short_len // s.window)
+    if s.batch % world:  # checked before any model is built or loaded
+        raise UsageError(f"{s.batch} rows per step at window {s.window} cannot be split over {world} processes; change --batch")
     if phase == 0:
-        s.steps, s.batch, s.lr, s.packing = args.teacher_steps, args.teacher_batch, args.teacher_lr, args.teacher_packing
+        s.steps, s.lr, s.packing = args.teacher_steps, args.teacher_lr, args.teacher_packing
         s.vocab = data.Vocab.compact(corpus, args.key_digits, args.vocab_size) if args.vocab == "compact" else data.Vocab.gpt2()
         torch.manual_seed(args.seed + 1_000_003)  # the teacher's own stream: never the student's init
         s.model, s.lineage = GPT(model_config(args, 0, len(s.vocab))).to(device), f"scratch(seed={args.seed}+1000003)"
         s.positions = {"doc_mask": "reset", "cross_doc": "continuous"}[args.teacher_packing]
     else:
         s.steps, s.lr, s.packing, s.positions = args.steps, args.lr, args.packing, args.positions
-        s.batch = max(1, args.batch * args.short_len // s.window)  # the same tokens per step at every window
         s.teacher, s.vocab, teacher_window = checkpoint.load_teacher(args.teacher or ckpt_path(args, 0), args.key_digits, device)
         s.mix = {"kd": 1.0, "ce": 0.0, "mix": args.mix}[args.loss]
         s.model, s.lineage = init_student(args, phase, s.vocab, device)
@@ -170,9 +173,7 @@ def setup_phase(args, phase, corpus, device, rank):
 # ---- one phase: setup, loop, finish ----------------------------------------------------------
 
 def run_phase(args, phase, corpus, device, rank, world):
-    s = setup_phase(args, phase, corpus, device, rank)
-    if s.batch % world:
-        raise UsageError(f"{s.batch} rows per step at window {s.window} cannot be split over {world} processes; change --batch")
+    s = setup_phase(args, phase, corpus, device, rank, world)
     say(rank, f"phase {phase} ({'teacher' if phase == 0 else 'student'}): {s.model.num_params() / 1e6:.2f}M params, "
               f"window {s.window}, RoPE {rope.describe(s.model.cfg.rope)}, loss "
               f"{'CE' if s.mix == 0 else 'KD' if s.mix == 1 else f'{s.mix}*KD+{1 - s.mix:g}*CE'}, data "
