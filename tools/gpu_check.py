@@ -102,7 +102,7 @@ def check_attention(device, B=2, H=8, T=2048, D=64, dtype=torch.bfloat16):
 
 def short_pipeline(device, out, tiny):
     """distill.py --phase 2 --preset gpu at reduced steps (--smoke on a CPU dry run); the three passkey tables."""
-    flags = ["--phase", "2", "--preset", "gpu", "--out", out, "--device", device, "--force"]
+    flags = ["--phase", "2", "--preset", "gpu", "--out", out, "--device", device]  # finished phases in OUT are kept
     flags += ["--smoke"] if tiny else ["--teacher_steps", "300", "--steps", "200", "--eval_n", "4", "--ckpt_every", "1000"]
     t0 = time.time()
     code = distill.main(flags)
