@@ -170,7 +170,8 @@ def train_all(args, names):
         if run(distill_cmd(args, shared, 1, extra), os.path.join(shared, "train.log"), 2, args.smoke).wait():
             sys.exit(f"error: shared phases failed, see {shared}/train.log")
     theta1 = checkpoint.load(init)["model_config"]["rope"]["theta"]
-    queue = [(name, seed) for name in names for seed in range(args.seeds)]
+    # seed-major: every variant has its first seed before any has its second (a cut-short run still compares)
+    queue = [(name, seed) for seed in range(args.seeds) for name in names]
     if "kd-mismatch" in names and not os.path.exists(mismatch):
         queue.insert(0, ("teacher-docmask", 0))
     running, done, rules = [], [], {}
