@@ -94,6 +94,9 @@ def parse_args(argv=None):
       help="the data design: where a window's short documents come from: random places, one source text, "
            "consecutive pieces of one text (= long data cut up), or with repeats of earlier documents")
     g("--passkey_frac", type=float, default=0.5, help="share of student documents that are short passkey documents (exactly, but for a window's last, cut-short one)")
+    g("--copy_frac", type=float, default=0.0, help="share of student documents that are copy documents (a span repeated far back)")
+    g("--filler_frac", type=float, default=0.0,
+      help="share of student passkey documents in the eval's own format (instruction + filler haystack)")
     g("--teacher_curriculum", type=float, default=0.6,
       help="teacher documents grow from short to the full window over this fraction of its steps (0 = off)")
     g("--curriculum", type=float, default=0.0, help="the same for a student phase on long documents (--data_mode long)")
@@ -142,7 +145,7 @@ def validate(args):
     need(args.key_digits <= 9, f"--key_digits must be <= 9, got {args.key_digits}")
     for k in ("lr", "teacher_lr", "temperature", "answer_weight", "grad_clip"):
         need(0 < getattr(args, k) < math.inf, f"--{k} must be a positive number, got {getattr(args, k)}")
-    for k in ("mix", "passkey_frac", "teacher_curriculum", "curriculum"):
+    for k in ("mix", "passkey_frac", "copy_frac", "filler_frac", "teacher_curriculum", "curriculum"):
         need(0 <= getattr(args, k) <= 1, f"--{k} must be in [0, 1], got {getattr(args, k)}")
     need(args.weight_decay >= 0 and args.warmup >= 0, "--weight_decay and --warmup must be >= 0")
     need(args.theta1 is None or args.theta1 > 1, f"--theta1 must be > 1, got {args.theta1}")
