@@ -280,3 +280,24 @@ def test_passkey_share_equals_the_flag(tiny_corpus, frac):
     assert abs(passkey_share(teacher, rng, 1000, room=512) - frac) < 0.04
     # packed into windows, only a window's last document can lack the room for a passkey
     assert abs(passkey_share(student, rng, 40, window=1024) - frac) < 0.05
+
+
+
+@pytest.mark.parametrize("mode", ["short", "long"])
+def test_student_recipe_flags_reach_the_sampler(tiny_corpus, monkeypatch, mode):
+    """--copy_frac and --filler_frac shape the documents of a student phase, short or long."""
+    import distill
+    calls = {"copy_doc": 0, "filler_haystack": 0}
+    for name in calls:
+        def counted(*a, _f=getattr(data, name), _n=name, **k):
+            calls[_n] += 1
+            return _f(*a, **k)
+        monkeypatch.setattr(data, name, counted)
+    args = distill.parse_args(["--phase", "2", "--data_mode", mode, "--passkey_frac", "0.5", "--copy_frac", "0.3",
+                               "--filler_frac", "1"])
+    sampler, _ = distill.sampler_for(args, tiny_corpus, 2)
+    rng = np.random.default_rng(0)
+    for _ in range(1000):
+        sampler(rng, 64)
+    assert abs(calls["filler_haystack"] / 1000 - 0.5) < 0.05  # every passkey document in the eval's format
+    assert abs(calls["copy_doc"] / 1000 - 0.3) < 0.05
