@@ -60,14 +60,13 @@ def model_config(args, phase, vocab_size):
 def sampler_for(args, corpus, phase, split="train"):
     """(sampler, longest document): the teacher (and --data_mode long) gets documents up to the whole window."""
     window = window_of(args, phase)
+    pk, cp, fill = TEACHER_DATA.values() if phase == 0 else (args.passkey_frac, args.copy_frac, args.filler_frac)
     if phase == 0 or args.data_mode == "long":
-        pk, cp, fill = (TEACHER_DATA.values() if phase == 0 else (args.passkey_frac, args.copy_frac, args.filler_frac))
         shortest = min(window, data.passkey_len([0] * data.max_key_len(args.key_digits)) + 4 if pk > 0 else 16)
         return data.DocSampler(corpus, shortest, window, pk, args.key_digits, args.answer_weight, split, cp,
                                args.teacher_curriculum if phase == 0 else args.curriculum, fill), None
-    return (data.DocSampler(corpus, max(2, args.short_len // 4), args.short_len, args.passkey_frac, args.key_digits,
-                            args.answer_weight, split, args.copy_frac, filler_frac=args.filler_frac,
-                            snippets=args.snippets), args.short_len)
+    return (data.DocSampler(corpus, max(2, args.short_len // 4), args.short_len, pk, args.key_digits,
+                            args.answer_weight, split, cp, filler_frac=fill, snippets=args.snippets), args.short_len)
 
 
 def ckpt_path(args, phase, partial=False):

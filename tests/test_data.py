@@ -282,7 +282,6 @@ def test_passkey_share_equals_the_flag(tiny_corpus, frac):
     assert abs(passkey_share(student, rng, 40, window=1024) - frac) < 0.05
 
 
-
 @pytest.mark.parametrize("mode", ["short", "long"])
 def test_student_recipe_flags_reach_the_sampler(tiny_corpus, monkeypatch, mode):
     """--copy_frac and --filler_frac shape the documents of a student phase, short or long."""
