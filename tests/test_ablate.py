@@ -120,3 +120,24 @@ def test_smoke_runs_the_cpu_ablation_path(tmp_path, capsys):
     assert theta("kd-fixed-s0/phase2.pt") == theta("shared/phase1.pt") != theta("kd-s0/phase2.pt")  # fixed = phase 1's base
     out = capsys.readouterr().out
     assert "upper reference (ce-long" in out and "KD on short documents" in out and "CE on short documents" in out
+
+
+def test_a_run_cut_short_continues_on_the_next_invocation(tmp_path, monkeypatch):
+    """An invocation killed mid-run leaves phase2.partial.pt; the next one resumes it rather than failing on it."""
+    import checkpoint
+    save, argv = checkpoint.save, ["--smoke", "--preset", "cpu", "--out", str(tmp_path / "runs"), "--png", "",
+                                   "--results", str(tmp_path / "a.json"), "--variants", "kd", "--flags", "--ckpt_every 1"]
+
+    def killed_after_first_partial(path, obj):
+        save(path, obj)
+        if path.endswith("phase2.partial.pt"):
+            raise RuntimeError("killed")
+    monkeypatch.setattr(checkpoint, "save", killed_after_first_partial)
+    with pytest.raises(RuntimeError):
+        ablate.main(argv)
+    run = tmp_path / "runs" / "kd-s0"
+    assert (run / "phase2.partial.pt").exists() and not (run / "phase2.pt").exists()
+    monkeypatch.setattr(checkpoint, "save", save)
+    assert ablate.main(argv) == 0
+    assert (run / "phase2.pt").exists() and not (run / "phase2.partial.pt").exists()
+    assert "resuming phase 2 at step 1" in (run / "train.log").read_text()

@@ -199,7 +199,9 @@ def train_all(args, names):
             cmd = distill_cmd(args, out, 2, ["--teacher", mismatch if name == "kd-mismatch" else teacher, "--init", init,
                                              "--seed", str(seed), "--eval_n", "1" if args.smoke else "2",
                                              *(["--steps", str(args.steps)] if args.steps else []),
-                                             *(["--batch", str(args.batch)] if args.batch else []), *flags])
+                                             *(["--batch", str(args.batch)] if args.batch else []), *flags,
+                                             # a run cut short by a killed invocation continues where it stopped
+                                             *(["--resume"] if os.path.exists(os.path.join(out, "phase2.partial.pt")) else [])])
             running.append((name, seed, ckpt, run(cmd, os.path.join(out, "train.log"), 1, args.smoke)))
         time.sleep(0.2 if args.smoke else 1)
         for item in [r for r in running if r[3].poll() is not None]:
