@@ -87,6 +87,14 @@ def test_transfer_channel_is_the_teacher_seeing_other_documents(tiny_corpus, mon
     assert broken["q2"]["kl_full_doc"] != pytest.approx(want[1], rel=1e-3, abs=1e-6)
 
 
+def test_long_range_is_from_4x_the_short_window_to_the_extension_window():
+    """Keys beyond the window trained on (length extrapolation) do not dilute the long-range metric."""
+    args = type("A", (), {"short": 64, "window": 512})()
+    recs = [{"distance": d, "correct": c} for d, c in [(100, 0), (255, 0), (256, 1), (511, 0), (512, 0), (900, 0)]]
+    assert ablate.long_acc(recs, args) == 0.5
+    assert ablate.long_acc(recs[:2], args) is None
+
+
 def test_answer_targets_reads_own_and_earlier_keys():
     """Two passkey answers in one row: only the second has an earlier key; its masses are read exactly."""
     T, V = 12, 10
@@ -112,7 +120,7 @@ def test_smoke_runs_the_cpu_ablation_path(tmp_path, capsys):
     assert set(r["cells"]) == {"teacher", "phase1", "kd-s0", "ce-s0", "kd-fixed-s0", "kd-mismatch-s0", "ce-long-s0"}
     assert (tmp_path / "runs" / "shared_docmask" / "phase0.pt").exists()  # kd-mismatch's own, document-masked teacher
     s = r["summary"]
-    assert s["seeds"] == 1 and s["long_distance_from"] == 256 and s["rope"] == "phasewise"
+    assert s["seeds"] == 1 and (s["long_distance_from"], s["long_distance_to"]) == (256, 512) and s["rope"] == "phasewise"
     for k in ("phase1_window_acc", "ref_long_acc", "kd_long_acc", "ce_long_acc", "phasewise_long_acc", "fixed_long_acc"):
         assert 0 <= s[k] <= 1, k
     assert r["variants"]["kd-fixed"]["rope"] == "fixed" and r["setup"]["window"] == 512
