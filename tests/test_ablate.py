@@ -33,6 +33,17 @@ def test_ablate_runs_variants_and_writes_summary(tmp_path, tiny_corpus_dir, caps
         assert not (tmp_path / "ablation.png").exists()
 
 
+def test_figure_draws_seeds_that_agree_exactly(tmp_path):
+    """Three seeds with the same accuracy: their mean is one rounding step above their max, and the
+    error bar must still draw."""
+    pytest.importorskip("matplotlib")
+    cell = {"by_distance": {"0-64": 0.7, "64-256": 0.9181818181818182}, "text_loss_by_quarter": [3.0, 3.1, 3.2, 3.3]}
+    r = {"setup": {"distance_buckets": ["0-64", "64-256"], "window": 512}, "variants": {"kd": {}},
+         "cells": {f"kd-s{s}": cell for s in range(3)}}
+    ablate.plot(r, str(tmp_path / "f.png"))
+    assert (tmp_path / "f.png").stat().st_size > 0
+
+
 def test_bad_variant_is_a_one_line_error(capsys):
     assert ablate.main(["--variants", "kd,nope"]) == 2
     assert capsys.readouterr().err.count("\n") == 1

@@ -454,7 +454,9 @@ def plot(r, png):
         with warnings.catch_warnings():  # a distance bucket no prompt fell into is simply not drawn
             warnings.simplefilter("ignore", RuntimeWarning)
             mean, lo, hi = np.nanmean(acc, 0), np.nanmin(acc, 0), np.nanmax(acc, 0)
-        ax1.errorbar(range(len(buckets)), mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3, label=name)
+        # clipped: the mean of equal seeds can sit one rounding step outside their min-max
+        ax1.errorbar(range(len(buckets)), mean, yerr=np.clip([mean - lo, hi - mean], 0, None), marker="o", capsize=3,
+                     label=name)
         ax2.plot(range(1, 5), loss.mean(0), marker="o", label=name)
     ax1.set_xticks(range(len(buckets)), buckets)
     ax1.set(xlabel="key distance (tokens)", ylabel="passkey exact match", ylim=(-0.05, 1.05))
