@@ -45,6 +45,11 @@ def window_of(args, phase):
     return args.short_len * args.growth ** (phase - 1)
 
 
+def rows_of(args, phase):
+    """Rows per step: the teacher's as given; a student's shrink with its window (the same tokens per step)."""
+    return args.teacher_batch if phase == 0 else max(1, args.batch * args.short_len // window_of(args, phase))
+
+
 def model_config(args, phase, vocab_size):
     who = "teacher" if phase == 0 else "student"
     cfg = GPTConfig(vocab_size=vocab_size, n_layer=getattr(args, f"{who}_layers"),
@@ -135,8 +140,7 @@ def init_student(args, phase, vocab, device):
 def setup_phase(args, phase, corpus, device, rank, world):
     """Everything one phase needs, as a namespace: models, vocabulary, data, optimizer, where to resume."""
     s = argparse.Namespace(phase=phase, window=window_of(args, phase), teacher=None, mix=0.0)
-    # rows per step: the teacher's as given; a student's shrink with its window (the same tokens per step)
-    s.batch = args.teacher_batch if phase == 0 else max(1, args.batch * args.short_len // s.window)
+    s.batch = rows_of(args, phase)
     if s.batch % world:  # checked before any model is built or loaded
         raise UsageError(f"{s.batch} rows per step at window {s.window} cannot be split over {world} processes; change --batch")
     if phase == 0:
