@@ -114,7 +114,9 @@ def test_json_has_the_headline_keys(tmp_path, monkeypatch, capsys):
     assert ours["first_loss"] == pytest.approx(naive["first_loss"], rel=1e-4, abs=1e-7)
     assert res["timed_steps"] == 10 and res["chunk"] == 8
     assert all(len(t) == 10 for w in res["step_times"].values() for t in w.values())
-    assert set(res["ratios"]) == {"ours/naive"}  # transformers absent: its two ratios are not made up
+    assert all(set(w) == {"ours", "naive", "attention"} for w in res["step_times"].values())
+    assert res["headline_windows"] == [8, 16] and res["speedup_long_windows"] is None  # no preset step in this sweep
+    assert set(res["ratios"]) == {"ours/naive"}  # transformers absent: its ratios and the ceiling are not made up
     assert res["ratios"]["ours/naive"]["min"] <= res["ratios"]["ours/naive"]["median"] <= res["ratios"]["ours/naive"]["max"]
     assert res["load"]["cores"] >= 1 and len(res["load"]["before"]) == 3 and len(res["load"]["after"]) == 3
 
@@ -179,7 +181,7 @@ def test_options_steps_run_and_restore_buffer_reuse(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda m: m)  # the compiled variant's wiring, not inductor itself
     args = bench.parse_args(["--student", "1,2,8", "--teacher", "1,2,16", "--vocab", "32", "--windows", "8",
                              "--tokens", "16", "--chunk", "8"])
-    idx, pos = bench.make_batch(8, 16, 32, "cpu")
+    idx, pos = bench.make_batch(8, 2, 32, "cpu")
     steps = bench.option_steps(args, idx, pos)
     assert list(steps) == list(bench.OPTIONS)
     seen = []
@@ -187,3 +189,62 @@ def test_options_steps_run_and_restore_buffer_reuse(monkeypatch):
     for k in steps:
         steps[k]()
     assert seen == [k != "fresh buffers" for k in bench.OPTIONS] and loss.reuse_buffers
+
+
+def test_the_default_sweep_starts_with_the_presets_own_steps():
+    """The headline shapes are the ones distill.py trains at: its phase 1 and 2 windows and rows per step."""
+    import distill
+    args = distill.parse_args(["--phase", "1"])
+    own = [(distill.window_of(args, k), distill.rows_of(args, k)) for k in (1, 2)]
+    assert bench.preset_steps("cpu") == own
+    assert own[0][0] * own[0][1] == own[1][0] * own[1][1] == PRESETS["cpu"]["batch"] * PRESETS["cpu"]["short_len"]
+    for argv in ([], ["--quick"]):
+        a = bench.parse_args(argv)
+        assert list(zip(a.windows, a.rows))[:2] == own and len(a.windows) > 2 and bench.own_windows(a) == [64, 256]
+    a = bench.parse_args(["--windows", "64,512", "--rows", "32"])
+    assert a.rows == [32, 32] and bench.own_windows(a) == [64]  # 512 x 32 is not a step of the preset
+
+
+@pytest.mark.parametrize("bad", [["--rows", "1,2", "--windows", "8,16,32"], ["--rows", "2", "--tokens", "16"],
+                                 ["--rows", "0"], ["--windows", "0"]])
+def test_bad_rows_are_one_line_errors(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(bad)
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_headlines_split_the_presets_steps_from_the_longer_windows():
+    times = {64: {"ours": [1.0, 1.0], "transformers": [2.0, 2.0], "attention": [0.1, 0.1]},
+             256: {"ours": [1.0, 1.0], "transformers": [8.0, 8.0], "attention": [0.1, 0.1]},
+             4096: {"ours": [2.0, 2.0], "transformers": [3.0, 3.0], "attention": [1.5, 1.5]}}
+    sweep = [{"variant": "ours", "window": 64, "step_s": 1.0, "achieved_gflops": 30.0},
+             {"variant": "ours", "window": 256, "step_s": 3.0, "achieved_gflops": 50.0},
+             {"variant": "ours", "window": 4096, "step_s": 2.0, "achieved_gflops": 99.0}]
+    head, ratios, long, windows = bench.headlines(sweep, [], times, [64, 256], 8192, peak=100e9)
+    assert windows == [64, 256]
+    assert head["speedup_vs_transformers"] == pytest.approx(4.0)  # geometric mean of 2 and 8; 4096 left out
+    assert head["speedup_long_windows"] == pytest.approx(1.5) and long["ceiling"]["median"] == pytest.approx(2.0)
+    assert head["matmul_fraction"] == pytest.approx((30 * 1 + 50 * 3) / 4 / 100)  # FLOPs over time, back to back
+    assert ratios["ceiling"]["median"] == pytest.approx(40.0)  # geometric mean of 20 and 80
+    assert head["memory_vs_naive"] is None
+    head, _, long, windows = bench.headlines(sweep, [], times, [], 8192, peak=100e9)  # no preset step: all windows
+    assert windows == [64, 256, 4096] and long == {} and head["speedup_long_windows"] is None
+    assert head["speedup_vs_transformers"] == pytest.approx((2 * 8 * 1.5) ** (1 / 3))
+
+
+def test_attention_step_makes_the_attention_calls_of_one_step(monkeypatch):
+    calls, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((tuple(q.shape), q.requires_grad and torch.is_grad_enabled(), kw))
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(bench.F, "scaled_dot_product_attention", spy)
+    run = bench.attention_step((2, 2, 16), (3, 4, 32), 5, 12, "cpu", "float32")
+    run()
+    assert calls == [((5, 2, 12, 8), True, {"is_causal": True})] * 2 + [((5, 4, 12, 8), False, {"is_causal": True})] * 3
+    # and the model's own attention makes the same calls: one per layer, causal, the same shapes
+    calls.clear()
+    student, _ = models()
+    idx, pos = bench.make_batch(12, 5, V, "cpu")
+    student(idx, pos, hidden_only=True)
+    assert calls == [((5, STUDENT[1], 12, STUDENT[2] // STUDENT[1]), True, {"is_causal": True})] * STUDENT[0]

@@ -22,14 +22,21 @@ The load average (before and after, with the core count) goes into the results; 
 printed when other work holds more than half the cores.  Our loss runs at the preset's own chunk
 (distill.PRESETS: 4096 rows on the CPU, 8192 on the GPU).
 
+The sweep: the preset's own distillation steps (`distill.py --preset P`, phases 1 and 2: the
+windows and rows per step the pipeline trains at), then longer windows at a fixed number of tokens
+per step, where only the attention term grows.  Each round also times the step's attention calls
+alone (attention_step): the scaled_dot_product_attention kernel all three variants share, which
+bounds ours/transformers ("ceiling").
 Reported per window: tokens/s, peak memory of a step, model FLOPs per token and the achieved
 fraction of the machine's own matmul FLOP/s (a square matmul timed in the same run).
 A separate memory point runs all variants at the longest window (8192) with the full GPT-2
 vocabulary, where B*T*V logits dominate.  Headline keys of --json:
-  speedup_vs_transformers  ours/transformers (geometric mean over the windows of the per-window medians)
+  speedup_vs_transformers  ours/transformers, geometric mean of the per-window medians over the
+                           preset's own steps (over all windows when the sweep has none of them)
+  speedup_long_windows     the same over the longer windows
   memory_vs_naive          our peak step memory / naive's, at the memory point
-  matmul_fraction          our achieved model FLOP/s / measured matmul FLOP/s, at the shortest
-                           window of the sweep (the one nearest the preset's own windows)
+  matmul_fraction          our achieved model FLOP/s / measured matmul FLOP/s over the preset's
+                           own steps run back to back (as the pipeline runs them)
 """
 
 import argparse
@@ -51,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 import loss
-from distill import PRESETS
+from distill import PRESETS, rows_of, window_of
 from loss import head_loss
 from model import GPT, GPTConfig
 
@@ -62,22 +69,41 @@ def preset_shape(preset, who):
     return p[f"{who}_layers"], p[f"{who}_heads"], p[f"{who}_embd"]
 
 
-# "tokens" is per step (rows = tokens / window), so every window does the same work on the weights and only
-# the attention term grows.
+def preset_steps(preset, phases=(1, 2)):
+    """[(window, rows)] of the distillation steps `distill.py --preset P` runs in its phases 1 and 2
+    (the Quickstart's): the shapes the pipeline itself spends its time on."""
+    args = argparse.Namespace(**PRESETS[preset], windows=None)
+    return [(window_of(args, k), rows_of(args, k)) for k in phases]
+
+
+# Each sweep: the preset's own distillation steps first (the headline), then longer windows at a fixed
+# number of tokens per step (rows = tokens / window), where only the attention term grows.
+PRESET_OF = {"cpu": "cpu", "cuda": "gpu"}
+LONG = {"cpu": dict(windows=[1024, 4096, 8192], tokens=16384), "cuda": dict(windows=[4096, 8192], tokens=32768),
+        "cpu quick": dict(windows=[1024, 2048], tokens=4096), "cuda quick": dict(windows=[8192], tokens=32768)}
+
+
+def sweep_shapes(kind, quick):
+    own, long = preset_steps(PRESET_OF[kind]), LONG[f"{kind} quick" if quick else kind]
+    return dict(windows=[T for T, _ in own] + long["windows"],
+                rows=[B for _, B in own] + [max(1, long["tokens"] // T) for T in long["windows"]])
+
+
 SETUPS = {
     "cpu": dict(student=preset_shape("cpu", "student"), teacher=preset_shape("cpu", "teacher"), vocab=4096,
-                windows=[1024, 4096, 8192], tokens=16384, warmup=2, steps=10, chunk=PRESETS["cpu"]["chunk"],
+                **sweep_shapes("cpu", False), warmup=2, steps=10, chunk=PRESETS["cpu"]["chunk"],
                 mem_vocab=50257, mem_window=8192, mem_warmup=1, dtype="float32"),
     "cuda": dict(student=preset_shape("gpu", "student"), teacher=preset_shape("gpu", "teacher"), vocab=50257,
-                 windows=[1024, 4096, 8192], tokens=32768, warmup=2, steps=10, chunk=PRESETS["gpu"]["chunk"],
+                 **sweep_shapes("cuda", False), warmup=2, steps=10, chunk=PRESETS["gpu"]["chunk"],
                  mem_vocab=50257, mem_window=8192, mem_warmup=1, dtype="bfloat16"),
 }
-# --quick shrinks the shapes and tokens, never the number of timed steps.
-QUICK = {"cpu": dict(windows=[512, 1024, 2048], tokens=4096, warmup=1, mem_warmup=0),
-         "cuda": dict(windows=[1024, 8192], warmup=1)}
+# --quick shortens the long windows and their tokens, never the preset's own steps or the number of timed steps.
+QUICK = {"cpu": dict(**sweep_shapes("cpu", True), warmup=1, mem_warmup=0),
+         "cuda": dict(**sweep_shapes("cuda", True), warmup=1)}
 VARIANTS = ("ours", "naive", "transformers")
 RATIOS = {"ours/naive": ("ours", "naive"), "naive/transformers": ("naive", "transformers"),
-          "ours/transformers": ("ours", "transformers")}  # name: (faster candidate, reference)
+          "ours/transformers": ("ours", "transformers"),  # name: (faster candidate, reference)
+          "ceiling": ("attention", "transformers")}  # the most ours/transformers can be (attention_step)
 THETA = 1e4
 
 
@@ -319,8 +345,7 @@ def amp_context(device, dtype):
             else contextlib.nullcontext())
 
 
-def make_batch(T, tokens, vocab, device):
-    B = max(1, tokens // T)
+def make_batch(T, B, vocab, device):
     g = torch.Generator().manual_seed(T)
     idx = torch.randint(0, vocab, (B, T), generator=g).to(device)
     return idx, torch.arange(T, device=device).expand(B, T)
@@ -349,17 +374,43 @@ def row(kind, T, B, step_s, mem, first_loss, student_shape, teacher_shape, vocab
             "achieved_gflops": achieved / 1e9, "matmul_fraction": achieved / peak, "first_loss": first_loss}
 
 
-def measure(kinds, student_shape, teacher_shape, vocab, windows, tokens, warmup, steps, device, dtype, chunk, peak):
+def attention_step(student_shape, teacher_shape, B, T, device, dtype):
     """
-    Per window: `warmup` + `steps` interleaved rounds (interleave()), then one step per variant whose peak
-    memory is measured (untimed: resetting the memory counters makes it fault its pages in afresh).
-    Returns (rows, {window: {variant: [step seconds]}}).
+    Only the scaled_dot_product_attention calls of one step, on random q, k, v of its shapes: the
+    student's layers forward and backward, the teacher's forward.  All three variants make exactly
+    these calls (the same kernel), so transformers' step / this time bounds ours/transformers: the
+    speedup ours would reach if everything else in its step cost nothing.
+    """
+    dt = getattr(torch, dtype)
+    qkv = lambda shape, grad: [torch.randn(B, shape[1], T, shape[2] // shape[1], device=device, dtype=dt,  # noqa: E731
+                                           requires_grad=grad) for _ in range(3)]
+    student, teacher = qkv(student_shape, True), qkv(teacher_shape, False)
+    grad_out = torch.randn_like(student[0])
+
+    def run():
+        for _ in range(student_shape[0]):
+            F.scaled_dot_product_attention(*student, is_causal=True).backward(grad_out)
+        with torch.no_grad():
+            for _ in range(teacher_shape[0]):
+                F.scaled_dot_product_attention(*teacher, is_causal=True)
+        for x in student:
+            x.grad = None
+    return run
+
+
+def measure(kinds, student_shape, teacher_shape, vocab, windows, rows_per_step, warmup, steps, device, dtype, chunk,
+            peak):
+    """
+    Per window: `warmup` + `steps` interleaved rounds (interleave()) of every variant and of the step's
+    attention alone (attention_step), then one step per variant whose peak memory is measured
+    (untimed: resetting the memory counters makes it fault its pages in afresh).
+    Returns (rows, {window: {variant or "attention": [step seconds]}}).
     """
     amp = amp_context(device, dtype)
     models = {k: build(k, student_shape, teacher_shape, vocab, max(windows), device) for k in kinds}
     rows, all_times = [], {}
-    for T in windows:
-        idx, pos = make_batch(T, tokens, vocab, device)
+    for T, B in zip(windows, rows_per_step):
+        idx, pos = make_batch(T, B, vocab, device)
         first = {}
 
         def step_fn(k):
@@ -368,7 +419,9 @@ def measure(kinds, student_shape, teacher_shape, vocab, windows, tokens, warmup,
                 first.setdefault(k, float(out))  # the first step's loss: ours and naive must agree
             return run
 
-        times, _ = interleave({k: step_fn(k) for k in kinds}, warmup, steps, lambda: sync(device))
+        calls = {**{k: step_fn(k) for k in kinds},
+                 "attention": attention_step(student_shape, teacher_shape, B, T, device, dtype)}
+        times, _ = interleave(calls, warmup, steps, lambda: sync(device))
         all_times[T] = times
         for k in kinds:
             mem = memory_step(k, models[k], idx, pos, amp, chunk, device)[1]
@@ -382,7 +435,7 @@ def measure_memory(kinds, student_shape, teacher_shape, vocab, T, warmup, device
     """The memory point: one row of T tokens, each variant alone (its models built, warmed, measured, freed);
     an out-of-memory variant gets an error row."""
     amp, rows = amp_context(device, dtype), []
-    idx, pos = make_batch(T, T, vocab, device)
+    idx, pos = make_batch(T, 1, vocab, device)
     for k in kinds:
         model = build(k, student_shape, teacher_shape, vocab, T, device)
         try:
@@ -418,13 +471,18 @@ def print_table(title, rows):
               f"{r['first_loss']:>9.4f}")
 
 
-def print_ratios(ratios_by_window, overall):
-    print("\nspeedups, median of per-round ratios [min-max over rounds]")
-    print(f"{'window':>7}  " + "  ".join(f"{n:>22}" for n in overall))
-    for T, rt in ratios_by_window.items():
-        print(f"{T:>7}  " + "  ".join(f"{rt[n]['median']:>8.2f}x [{rt[n]['min']:.2f}-{rt[n]['max']:.2f}]"
-                                      if n in rt else f"{'-':>22}" for n in overall))
-    print(f"{'all':>7}  " + "  ".join(f"{o['median']:>8.2f}x [{o['min']:.2f}-{o['max']:.2f}]" for o in overall.values()))
+def print_ratios(by_window, groups, own):
+    print("\nspeedups, median of per-round ratios [min-max over rounds]; ceiling = transformers' step / its attention "
+          "calls alone (attention_step): the most ours/transformers can be while all three share that kernel")
+    names = [n for n in RATIOS if any(n in g for g in groups.values())]
+    cell = lambda r: f"{r['median']:>8.2f}x [{r['min']:.2f}-{r['max']:.2f}]"  # noqa: E731
+    print(f"{'window':>22}  " + "  ".join(f"{n:>22}" for n in names))
+    for T, rt in by_window.items():
+        label = f"{T} (phase {own.index(T) + 1})" if T in own else str(T)
+        print(f"{label:>22}  " + "  ".join(cell(rt[n]) if n in rt else f"{'-':>22}" for n in names))
+    for title, g in groups.items():
+        if g:
+            print(f"{title:>22}  " + "  ".join(cell(g[n]) if n in g else f"{'-':>22}" for n in names))
 
 
 def pick(rows, variant, window=None):
@@ -434,26 +492,43 @@ def pick(rows, variant, window=None):
     return None
 
 
-def overall_ratios(all_times):
-    """Per ratio: geometric mean over windows of the per-window medians, min-max over all rounds."""
+def overall_ratios(all_times, windows=None):
+    """Per ratio: geometric mean over windows (default: all) of the per-window medians, min-max over all rounds."""
     out = {}
     for name, (f, r) in RATIOS.items():
-        per = [round_ratios(t, f, r) for t in all_times.values() if t.get(f) and t.get(r)]
+        per = [round_ratios(t, f, r) for T, t in all_times.items()
+               if (windows is None or T in windows) and t.get(f) and t.get(r)]
         if per:
             out[name] = {"median": geomean([statistics.median(p) for p in per]),
                          "min": min(map(min, per)), "max": max(map(max, per))}
     return out
 
 
-def headlines(sweep, mem_rows, windows, mem_window, ratios):
+def own_windows(args):
+    """The sweep's windows that are the preset's own distillation steps (same window and rows)."""
+    own = preset_steps(PRESET_OF["cuda" if args.device.startswith("cuda") else "cpu"])
+    return [T for T, B in zip(args.windows, args.rows) if (T, B) in own]
+
+
+def headlines(sweep, mem_rows, all_times, own, mem_window, peak):
+    """
+    speedup_vs_transformers and matmul_fraction over the preset's own steps (all windows when the sweep
+    has none of them), speedup_long_windows over the other windows, memory_vs_naive at the memory point.
+    """
+    head_windows = own or list(all_times)
+    rest = [T for T in all_times if T not in head_windows]
+    ratios, long = overall_ratios(all_times, head_windows), overall_ratios(all_times, rest) if rest else {}
+    ours = [r for r in sweep if r["variant"] == "ours" and r["window"] in head_windows]
     ours_m, naive_m = pick(mem_rows, "ours", mem_window), pick(mem_rows, "naive", mem_window)
-    first = pick(sweep, "ours", windows[0])
     return {
-        "speedup_vs_transformers": ratios["ours/transformers"]["median"] if "ours/transformers" in ratios else None,
+        "speedup_vs_transformers": ratios.get("ours/transformers", {}).get("median"),
+        "speedup_long_windows": long.get("ours/transformers", {}).get("median"),
         "memory_vs_naive": (ours_m["peak_mib"] / naive_m["peak_mib"]
                             if ours_m and naive_m and ours_m["peak_mib"] and naive_m["peak_mib"] else None),
-        "matmul_fraction": first["matmul_fraction"] if first else None,
-    }
+        # the model FLOP/s of these steps run back to back (both phases run the same number of steps)
+        "matmul_fraction": (sum(r["achieved_gflops"] * r["step_s"] for r in ours) * 1e9
+                            / sum(r["step_s"] for r in ours) / peak if ours else None),
+    }, ratios, long, head_windows
 
 
 # ---- distill.py's own choices (--options) ----------------------------------------------------
@@ -486,7 +561,7 @@ def worker(args):
     """--worker N: N threads, `steps` timed steps of ours after warm-up; prints their times as JSON."""
     torch.set_num_threads(args.worker)
     model = build("ours", args.student, args.teacher, args.vocab, args.windows[0], args.device)
-    idx, pos = make_batch(args.windows[0], args.tokens, args.vocab, args.device)
+    idx, pos = make_batch(args.windows[0], args.rows[0], args.vocab, args.device)
     amp = amp_context(args.device, args.dtype)
     step = lambda: train_step("ours", *model, idx, pos, amp, args.chunk)  # noqa: E731
     times = interleave({"ours": step}, args.warmup, args.steps)[0]["ours"]
@@ -497,9 +572,9 @@ def thread_runs(args, rounds=2):
     """Aggregate tokens/s of 1 or 2 simultaneous runs (separate processes) at 1 or 2 threads each; the
     configurations alternate, `rounds` times each.  tools/ablate.py runs its jobs 2 at a time."""
     common = [a for k in ("student", "teacher") for a in (f"--{k}", ",".join(map(str, getattr(args, k))))]
-    common += ["--vocab", str(args.vocab), "--windows", str(args.windows[0]), "--tokens", str(args.tokens),
+    common += ["--vocab", str(args.vocab), "--windows", str(args.windows[0]), "--rows", str(args.rows[0]),
                "--warmup", str(args.warmup), "--steps", str(args.steps), "--chunk", str(args.chunk)]
-    tokens = max(1, args.tokens // args.windows[0]) * args.windows[0]
+    tokens = args.rows[0] * args.windows[0]
     res = {k: [] for k in THREADS}
     for r in range(rounds):
         names = list(THREADS)
@@ -515,22 +590,28 @@ def thread_runs(args, rounds=2):
 
 
 def run_options(args, head_line):
-    idx, pos = make_batch(args.windows[0], args.tokens, args.vocab, args.device)
+    idx, pos = make_batch(args.windows[0], args.rows[0], args.vocab, args.device)
     print(f"{head_line}\noptions of our step: student {args.student}, teacher {args.teacher}, vocab {args.vocab}, "
           f"{idx.shape[0]} x {idx.shape[1]} tokens, chunk {args.chunk}, {args.warmup} warm-up + {args.steps} rounds")
-    times, _ = interleave(option_steps(args, idx, pos), args.warmup, args.steps, lambda: sync(args.device))
+    steps = option_steps(args, idx, pos)
+    t0 = time.perf_counter()
+    steps["compiled"]()  # its first call compiles (from inductor's cache when it has these graphs)
+    sync(args.device)
+    first_compiled = time.perf_counter() - t0
+    times, _ = interleave(steps, args.warmup, args.steps, lambda: sync(args.device))
     table = {k: {**spread(v), "speedup": spread(round_ratios(times, k, "ours"))} for k, v in times.items()}
     print(f"\n{'variant':<16}{'step s':>8} {'min-max s':>13}   speedup vs ours [min-max over rounds]")
     for k, t in table.items():
         s = t["speedup"]
         print(f"{k:<16}{t['median']:>8.3f} {t['min']:>6.3f}-{t['max']:.3f}   {s['median']:.2f}x [{s['min']:.2f}-{s['max']:.2f}]")
+    print(f"compiled: its first step, which compiles, took {first_compiled:.1f} s")
     threads = None
     if args.device == "cpu":
         threads = thread_runs(args)
         print("\nsimultaneous runs (separate processes), aggregate tokens/s [min-max over rounds]")
         for k, t in threads.items():
             print(f"{k:<20}{t['median']:>10,.0f} [{t['min']:,.0f}-{t['max']:,.0f}]")
-    return {"options": table, "threads": threads}
+    return {"options": table, "first_compiled_step_s": first_compiled, "threads": threads}
 
 
 def parse_args(argv=None):
@@ -553,7 +634,9 @@ def parse_args(argv=None):
     g.add_argument("--teacher", type=shape, help="layers,heads,width")
     g.add_argument("--vocab", type=int, help="vocabulary of the sweep (CPU default: distill.py's compact 4096)")
     g.add_argument("--windows", type=lambda s: [int(x) for x in s.split(",")], help="comma-separated windows")
-    g.add_argument("--tokens", type=int, help="tokens per step (rows = tokens / window, at least 1)")
+    g.add_argument("--rows", type=lambda s: [int(x) for x in s.split(",")],
+                   help="rows per step: one number, or one per window")
+    g.add_argument("--tokens", type=int, help="instead of --rows: tokens per step (rows = tokens / window, at least 1)")
     g.add_argument("--warmup", type=int, help="untimed rounds per window")
     g.add_argument("--steps", type=int, help="timed rounds (one step per variant each) per window")
     g.add_argument("--mem_vocab", type=int, help="vocabulary of the memory point (GPT-2: 50257)")
@@ -566,17 +649,27 @@ def parse_args(argv=None):
     if not args.variants or set(args.variants) - set(VARIANTS):
         p.error(f"--variants must name some of {','.join(VARIANTS)}")
     if any(getattr(args, k) is not None and getattr(args, k) < 1 for k in ("steps", "tokens", "chunk", "worker")) \
-            or (args.warmup or 0) < 0:
-        p.error("--steps, --tokens and --chunk must be positive, --warmup not negative")
+            or (args.warmup or 0) < 0 or min(args.rows or [1]) < 1 or min(args.windows or [1]) < 1:
+        p.error("--steps, --windows, --rows, --tokens and --chunk must be positive, --warmup not negative")
+    if args.rows and args.tokens:
+        p.error("give --rows or --tokens, not both")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available here")
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     setup = {**SETUPS[kind], **(QUICK[kind] if args.quick else {})}
+    if args.windows or args.tokens:  # own windows: rows from --rows, or from the tokens per step
+        tokens = args.tokens or LONG[kind]["tokens"]
+        args.windows = args.windows or setup["windows"]
+        args.rows = args.rows or [max(1, tokens // T) for T in args.windows]
     for k, v in setup.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if len(args.rows) == 1:
+        args.rows = args.rows * len(args.windows)
+    if len(args.rows) != len(args.windows):
+        p.error(f"--rows has {len(args.rows)} numbers for {len(args.windows)} windows")
     return args
 
 
@@ -609,7 +702,7 @@ def main(argv=None):
         if args.json:
             write_json(args.json, {**out, "device": where, "torch": torch.__version__, "load": load,
                                    "config": {k: getattr(args, k) for k in ("student", "teacher", "vocab", "windows",
-                                                                            "tokens", "warmup", "steps", "chunk")}})
+                                                                            "rows", "warmup", "steps", "chunk")}})
         return out
     print(head_line)
     kinds = [k for k in VARIANTS if k in args.variants]
@@ -626,12 +719,12 @@ def main(argv=None):
     peak = matmul_flops(dev, mm_dtype, n)
     fpt = step_flops_per_token(args.student, args.teacher, args.vocab, args.windows[0])
     print(f"student {args.student}, teacher {args.teacher} (layers, heads, width), vocab {args.vocab}, "
-          f"{args.tokens} tokens/step, chunk {args.chunk}, {args.warmup} warm-up + {args.steps} timed rounds "
+          f"windows {args.windows} x rows {args.rows} per step, chunk {args.chunk}, {args.warmup} warm-up + {args.steps} timed rounds "
           f"(one step per variant, order rotated) + 1 memory step;\n"
           f"model FLOPs/token = 3 x fwd(student) + fwd(teacher), fwd = 2*(12*L*C^2 + V*C) + 2*L*C*T "
           f"({fpt / 1e6:.2f} MFLOP at T={args.windows[0]})")
 
-    sweep, all_times = measure(kinds, args.student, args.teacher, args.vocab, args.windows, args.tokens, args.warmup,
+    sweep, all_times = measure(kinds, args.student, args.teacher, args.vocab, args.windows, args.rows, args.warmup,
                                args.steps, dev, args.dtype, args.chunk, peak)
     load["after_timing"] = load_state()
     warn = busy_warning(load["after_timing"], cores, threads)
@@ -654,22 +747,25 @@ def main(argv=None):
             r["matmul_fraction"] = r["achieved_gflops"] * 1e9 / peak
 
     print(f"\nmeasured {args.dtype} matmul ({n}^3, best of start and end): {peak / 1e9:,.1f} GFLOP/s")
-    print_table(f"speed: vocab {args.vocab}, {args.tokens} tokens per step, median of {args.steps} steps", sweep)
+    print_table(f"speed: vocab {args.vocab}, median of {args.steps} steps", sweep)
     if mem_rows:
         print_table(f"memory point: vocab {args.mem_vocab}, one row of {args.mem_window} tokens, chunk {args.chunk}, "
                     f"one step after {args.mem_warmup} warm-up (peak = memory a step adds above weights, optimizer "
                     f"state, batch)", mem_rows)
     by_window = {T: ratio_table(t) for T, t in all_times.items()}
-    ratios = overall_ratios(all_times)
+    own = own_windows(args)
+    head, ratios, long, head_windows = headlines(sweep, mem_rows, all_times, own, args.mem_window, peak)
+    what = "the preset's own steps" if own else "all windows"
     if ratios:
-        print_ratios(by_window, ratios)
-    head = headlines(sweep, mem_rows, args.windows, args.mem_window, ratios)
+        print_ratios(by_window, {what: ratios, "longer windows": long}, own)
     print(f"\nspeedup_vs_transformers {fmt(head['speedup_vs_transformers'], '.2f')} "
-          f"(ours/transformers, geometric mean over windows {args.windows} of per-window medians)")
+          f"(ours/transformers, geometric mean of per-window medians over {what}: windows {head_windows})")
+    print(f"speedup_long_windows    {fmt(head['speedup_long_windows'], '.2f')} "
+          f"(the same over the other windows: {[T for T in args.windows if T not in head_windows]})")
     print(f"memory_vs_naive         {fmt(head['memory_vs_naive'], '.3f')} "
           f"(our peak / naive peak, T={args.mem_window}, vocab {args.mem_vocab}, chunk {args.chunk})")
     print(f"matmul_fraction         {fmt(head['matmul_fraction'], '.1%')} "
-          f"(our model FLOP/s / measured matmul FLOP/s, T={args.windows[0]}, vocab {args.vocab})")
+          f"(our model FLOP/s / measured matmul FLOP/s over {what}, run back to back, vocab {args.vocab})")
     print(f"load average (1 min) {fmt(load['before'] and load['before'][0], '.2f')} before, "
           f"{fmt(load['after'] and load['after'][0], '.2f')} after ({threads} threads of it this benchmark's), "
           f"{cores} cores; bench took {time.time() - t0:.0f} s")
@@ -677,9 +773,10 @@ def main(argv=None):
         write_json(args.json, {
             **head, "device": where, "torch": torch.__version__, "dtype": args.dtype, "quick": args.quick,
             "tf32": args.tf32, "transformers": tf.__version__ if tf is not None else None, "matmul_gflops": peak / 1e9,
-            "timed_steps": args.steps, "chunk": args.chunk, "load": load, "ratios": ratios,
+            "timed_steps": args.steps, "chunk": args.chunk, "load": load, "headline_windows": head_windows,
+            "ratios": ratios, "ratios_long_windows": long,
             "ratios_by_window": {str(T): r for T, r in by_window.items()},
-            "config": {k: getattr(args, k) for k in ("student", "teacher", "vocab", "windows", "tokens", "warmup",
+            "config": {k: getattr(args, k) for k in ("student", "teacher", "vocab", "windows", "rows", "warmup",
                                                      "steps", "mem_vocab", "mem_window", "chunk")},
             "sweep": sweep, "memory_point": mem_rows,
             "step_times": {str(T): t for T, t in all_times.items()}})
