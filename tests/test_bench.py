@@ -200,9 +200,10 @@ def test_the_default_sweep_starts_with_the_presets_own_steps():
     assert own[0][0] * own[0][1] == own[1][0] * own[1][1] == PRESETS["cpu"]["batch"] * PRESETS["cpu"]["short_len"]
     for argv in ([], ["--quick"]):
         a = bench.parse_args(argv)
-        assert list(zip(a.windows, a.rows))[:2] == own and len(a.windows) > 2 and bench.own_windows(a) == [64, 256]
+        assert list(zip(a.windows, a.rows))[:2] == own and len(a.windows) > 2 and bench.own_windows(a) == {64: 1, 256: 2}
     a = bench.parse_args(["--windows", "64,512", "--rows", "32"])
-    assert a.rows == [32, 32] and bench.own_windows(a) == [64]  # 512 x 32 is not a step of the preset
+    assert a.rows == [32, 32] and bench.own_windows(a) == {64: 1}  # 512 x 32 is not a step of the preset
+    assert bench.own_windows(bench.parse_args(["--student", "2,4,128"])) == {}  # not the preset's models
 
 
 @pytest.mark.parametrize("bad", [["--rows", "1,2", "--windows", "8,16,32"], ["--rows", "2", "--tokens", "16"],
@@ -220,14 +221,14 @@ def test_headlines_split_the_presets_steps_from_the_longer_windows():
     sweep = [{"variant": "ours", "window": 64, "step_s": 1.0, "achieved_gflops": 30.0},
              {"variant": "ours", "window": 256, "step_s": 3.0, "achieved_gflops": 50.0},
              {"variant": "ours", "window": 4096, "step_s": 2.0, "achieved_gflops": 99.0}]
-    head, ratios, long, windows = bench.headlines(sweep, [], times, [64, 256], 8192, peak=100e9)
+    head, ratios, long, windows = bench.headlines(sweep, [], times, {64: 1, 256: 2}, 8192, peak=100e9)
     assert windows == [64, 256]
     assert head["speedup_vs_transformers"] == pytest.approx(4.0)  # geometric mean of 2 and 8; 4096 left out
     assert head["speedup_long_windows"] == pytest.approx(1.5) and long["ceiling"]["median"] == pytest.approx(2.0)
     assert head["matmul_fraction"] == pytest.approx((30 * 1 + 50 * 3) / 4 / 100)  # FLOPs over time, back to back
     assert ratios["ceiling"]["median"] == pytest.approx(40.0)  # geometric mean of 20 and 80
     assert head["memory_vs_naive"] is None
-    head, _, long, windows = bench.headlines(sweep, [], times, [], 8192, peak=100e9)  # no preset step: all windows
+    head, _, long, windows = bench.headlines(sweep, [], times, {}, 8192, peak=100e9)  # no preset step: all windows
     assert windows == [64, 256, 4096] and long == {} and head["speedup_long_windows"] is None
     assert head["speedup_vs_transformers"] == pytest.approx((2 * 8 * 1.5) ** (1 / 3))
 

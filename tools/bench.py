@@ -377,9 +377,10 @@ def row(kind, T, B, step_s, mem, first_loss, student_shape, teacher_shape, vocab
 def attention_step(student_shape, teacher_shape, B, T, device, dtype):
     """
     Only the scaled_dot_product_attention calls of one step, on random q, k, v of its shapes: the
-    student's layers forward and backward, the teacher's forward.  All three variants make exactly
-    these calls (the same kernel), so transformers' step / this time bounds ours/transformers: the
-    speedup ours would reach if everything else in its step cost nothing.
+    student's layers forward and backward, the teacher's forward.  On the CPU all three variants make
+    exactly these calls (the same kernel), so transformers' step / this time bounds ours/transformers:
+    the speedup ours would reach if everything else in its step cost nothing.  (On a GPU with flash-attn
+    installed ours calls flash_attn_func instead, and the bound is approximate.)
     """
     dt = getattr(torch, dtype)
     qkv = lambda shape, grad: [torch.randn(B, shape[1], T, shape[2] // shape[1], device=device, dtype=dt,  # noqa: E731
@@ -478,7 +479,7 @@ def print_ratios(by_window, groups, own):
     cell = lambda r: f"{r['median']:>8.2f}x [{r['min']:.2f}-{r['max']:.2f}]"  # noqa: E731
     print(f"{'window':>22}  " + "  ".join(f"{n:>22}" for n in names))
     for T, rt in by_window.items():
-        label = f"{T} (phase {own.index(T) + 1})" if T in own else str(T)
+        label = f"{T} (phase {own[T]})" if T in own else str(T)
         print(f"{label:>22}  " + "  ".join(cell(rt[n]) if n in rt else f"{'-':>22}" for n in names))
     for title, g in groups.items():
         if g:
@@ -505,9 +506,13 @@ def overall_ratios(all_times, windows=None):
 
 
 def own_windows(args):
-    """The sweep's windows that are the preset's own distillation steps (same window and rows)."""
-    own = preset_steps(PRESET_OF["cuda" if args.device.startswith("cuda") else "cpu"])
-    return [T for T, B in zip(args.windows, args.rows) if (T, B) in own]
+    """{window: phase} of the sweep's windows that are the preset's own distillation steps (its models,
+    window and rows per step)."""
+    preset = PRESET_OF["cuda" if args.device.startswith("cuda") else "cpu"]
+    if (args.student, args.teacher) != (preset_shape(preset, "student"), preset_shape(preset, "teacher")):
+        return {}
+    own = preset_steps(preset)
+    return {T: own.index((T, B)) + 1 for T, B in zip(args.windows, args.rows) if (T, B) in own}
 
 
 def headlines(sweep, mem_rows, all_times, own, mem_window, peak):
@@ -515,7 +520,7 @@ def headlines(sweep, mem_rows, all_times, own, mem_window, peak):
     speedup_vs_transformers and matmul_fraction over the preset's own steps (all windows when the sweep
     has none of them), speedup_long_windows over the other windows, memory_vs_naive at the memory point.
     """
-    head_windows = own or list(all_times)
+    head_windows = list(own) or list(all_times)
     rest = [T for T in all_times if T not in head_windows]
     ratios, long = overall_ratios(all_times, head_windows), overall_ratios(all_times, rest) if rest else {}
     ours = [r for r in sweep if r["variant"] == "ours" and r["window"] in head_windows]
