@@ -7,8 +7,8 @@ Speed and memory of one distillation step, three ways, side by side in one proce
   transformers  LlamaForCausalLM teacher and student of the same shapes and a hand-written KD loop
                 (full logits + F.kl_div): what one would otherwise write.  Optional dependency.
 
-    python tools/bench.py --quick                 # reduced shapes, same step count, ~5 min on 2 busy CPU cores
-    python tools/bench.py --json bench.json       # full run (longer), results + headline keys to a file
+    python tools/bench.py --quick                 # the same own steps, shorter long windows: ~2 min on 2 idle cores
+    python tools/bench.py --json bench.json       # full run (~7 min on 2 idle cores), results + headline keys to a file
     python tools/bench.py --options               # distill.py's choices: fused AdamW, torch.compile, threads
     python tools/bench.py --device cuda           # gpu preset shapes, bf16 autocast, MFU vs measured bf16 matmul
 
@@ -622,7 +622,8 @@ def run_options(args, head_line):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda uses the gpu preset shapes and bf16)")
-    p.add_argument("--quick", action="store_true", help="reduced shapes and tokens, same step count (CPU: ~5 min on 2 busy cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="the preset's own steps, shorter long windows, same step count (CPU: ~2 min on 2 idle cores)")
     p.add_argument("--json", default=None, help="write all results and the headline keys to this file")
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS),
                    help="comma-separated subset of ours,naive,transformers")
