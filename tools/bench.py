@@ -83,10 +83,15 @@ LONG = {"cpu": dict(windows=[1024, 4096, 8192], tokens=16384), "cuda": dict(wind
         "cpu quick": dict(windows=[1024, 2048], tokens=4096), "cuda quick": dict(windows=[8192], tokens=32768)}
 
 
+def rows_for(tokens, windows):
+    """Rows per step that hold `tokens` tokens at each window (at least one)."""
+    return [max(1, tokens // T) for T in windows]
+
+
 def sweep_shapes(kind, quick):
     own, long = preset_steps(PRESET_OF[kind]), LONG[f"{kind} quick" if quick else kind]
     return dict(windows=[T for T, _ in own] + long["windows"],
-                rows=[B for _, B in own] + [max(1, long["tokens"] // T) for T in long["windows"]])
+                rows=[B for _, B in own] + rows_for(long["tokens"], long["windows"]))
 
 
 SETUPS = {
@@ -522,7 +527,7 @@ def headlines(sweep, mem_rows, all_times, own, mem_window, peak):
     """
     head_windows = list(own) or list(all_times)
     rest = [T for T in all_times if T not in head_windows]
-    ratios, long = overall_ratios(all_times, head_windows), overall_ratios(all_times, rest) if rest else {}
+    ratios, long = overall_ratios(all_times, head_windows), overall_ratios(all_times, rest)
     ours = [r for r in sweep if r["variant"] == "ours" and r["window"] in head_windows]
     ours_m, naive_m = pick(mem_rows, "ours", mem_window), pick(mem_rows, "naive", mem_window)
     return {
@@ -666,9 +671,8 @@ def parse_args(argv=None):
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     setup = {**SETUPS[kind], **(QUICK[kind] if args.quick else {})}
     if args.windows or args.tokens:  # own windows: rows from --rows, or from the tokens per step
-        tokens = args.tokens or LONG[kind]["tokens"]
         args.windows = args.windows or setup["windows"]
-        args.rows = args.rows or [max(1, tokens // T) for T in args.windows]
+        args.rows = args.rows or rows_for(args.tokens or LONG[kind]["tokens"], args.windows)
     for k, v in setup.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
