@@ -12,26 +12,34 @@ import math
 import data
 
 PRESETS = {
-    # 2 CPU cores: the whole default pipeline (teacher, phase 1, phase 2) in minutes.
-    # (results/NOTES.md section 1: how the teacher's settings were found.)
+    # 2 CPU cores: the headline's regime (README, "What we found"), teacher to extension in minutes.  A tuple
+    # is (phase 1, each extension phase): the short phase learns the circuit at a high rate, the extension
+    # adapts it with half the rate and 8 rows of 512 tokens.  (results/NOTES.md: how each value was found.)
     "cpu": dict(teacher_layers=2, teacher_heads=4, teacher_embd=192, teacher_window=512, teacher_steps=1200,
-                teacher_batch=8, teacher_lr=3e-3, student_layers=2, student_heads=4, student_embd=64,
-                short_len=64, growth=4, steps=1000, batch=32, lr=6e-3, vocab="compact", vocab_size=4096,
-                dtype="float32", chunk=4096, eval_n=8),
+                teacher_batch=8, teacher_lr=3e-3, student_layers=2, student_heads=2, student_embd=128,
+                short_len=64, growth=8, steps=(2000, 1200), batch=(32, 64), lr=(6e-3, 3e-3), loss="kd", vocab="compact",
+                vocab_size=4096, dtype="float32", chunk=4096, eval_n=8),
     # One 80-140 GB GPU: a GPT-2-small student (12 x 768) and a deeper, wider teacher (16 x 1024) at
     # T=8192, full GPT-2 vocabulary.  Meant for a corpus of >= ~1 B tokens (e.g. FineWeb or
     # OpenWebText prepared as nanoGPT's train.bin/val.bin): the teacher alone reads 0.26 B tokens.
     "gpu": dict(teacher_layers=16, teacher_heads=16, teacher_embd=1024, teacher_window=8192, teacher_steps=4000,
                 teacher_batch=8, teacher_lr=6e-4, student_layers=12, student_heads=12, student_embd=768,
-                short_len=512, growth=4, steps=2000, batch=16, lr=6e-4, vocab="gpt2", vocab_size=None,
+                short_len=512, growth=4, steps=2000, batch=16, lr=6e-4, loss="kd", vocab="gpt2", vocab_size=None,
                 dtype="bfloat16", chunk=8192, eval_n=20),
 }
 # --smoke: tiny models (the teacher still the larger), 2 steps, one row per step, 1 prompt per eval cell.
 SMOKE = dict(teacher_layers=1, teacher_heads=2, teacher_embd=32, student_layers=1, student_heads=2, student_embd=16,
              teacher_steps=2, steps=2, teacher_batch=1, batch=1, eval_n=1, warmup=1)
 # The teacher's data recipe (results/NOTES.md section 1): without the length curriculum and the
-# dense copy signal a small teacher never forms a retrieval circuit on a CPU budget.
+# dense copy signal a small teacher never forms a retrieval circuit on a CPU budget.  Every student
+# phase draws the same mix by default: with passkey documents alone even CE on long documents
+# learns little retrieval beyond 256 tokens (README, "What we found").
 TEACHER_DATA = dict(passkey_frac=0.6, copy_frac=0.2, filler_frac=0.3)
+
+
+def per_phase(value, phase):
+    """A preset's (phase 1, extension phases) pair, or one value for every student phase."""
+    return value[0 if phase <= 1 else 1] if isinstance(value, tuple) else value
 
 
 class UsageError(ValueError):
@@ -69,14 +77,16 @@ def parse_args(argv=None):
     g("--windows", type=str, default=None, help="explicit comma-separated windows for phases 1, 2, ... (overrides --growth)")
     g("--teacher_window", type=int, help="the teacher's training window")
     g = p.add_argument_group("RoPE").add_argument
-    g("--rope", choices=["phasewise", "bound", "fixed", "pi", "ntk", "yarn"], default="phasewise",
-      help="student base schedule over phases: a new base per window (phasewise: the slowest pair turns once over "
-           "it; bound: the smallest base that still allows retrieval over it, Men et al. 2024), phase 1's base kept "
+    g("--rope", choices=["phasewise", "bound", "fixed", "pi", "ntk", "yarn"], default="bound",
+      help="student base schedule over phases: a new base per window (bound, the default: the smallest base that "
+           "still allows retrieval over it, Men et al. 2024; phasewise: the slowest pair turns once over it, "
+           "the paper's phase-wise scaling as we read it), phase 1's base kept "
            "(fixed), or phase 1's base stretched by window/short_len (pi, ntk, yarn)")
     g("--theta1", type=float, default=None, help="phase-1 base of the fixed/pi/ntk/yarn schedules (default: the phasewise rule at --short_len)")
     g("--teacher_theta", type=float, default=10000.0, help="the teacher's (large, fixed) RoPE base")
     g = p.add_argument_group("loss").add_argument
-    g("--loss", choices=["kd", "ce", "mix"], default="kd", help="student loss: forward KL to the teacher, cross-entropy, or a mix")
+    g("--loss", choices=["kd", "ce", "mix"], help="loss of every student phase this command trains: forward KL to the "
+                                                "teacher, cross-entropy, or a mix (default: the preset's)")
     g("--mix", type=float, default=0.5, help="KD share of the loss with --loss mix (loss = mix*KD + (1-mix)*CE)")
     g("--temperature", type=float, default=1.0, help="KD temperature tau (loss scaled by tau^2)")
     g("--answer_weight", type=float, default=10.0, help="loss weight of passkey answer tokens (retrieval circuits form faster)")
@@ -93,9 +103,9 @@ def parse_args(argv=None):
     g("--snippets", choices=data.SNIPPETS, default="random",
       help="the data design: where a window's short documents come from: random places, one source text, "
            "consecutive pieces of one text (= long data cut up), or with repeats of earlier documents")
-    g("--passkey_frac", type=float, default=0.5, help="share of student documents that are short passkey documents (exactly, but for a window's last, cut-short one)")
-    g("--copy_frac", type=float, default=0.0, help="share of student documents that are copy documents (a span repeated far back)")
-    g("--filler_frac", type=float, default=0.0,
+    g("--passkey_frac", type=float, default=TEACHER_DATA["passkey_frac"], help="share of student documents that are short passkey documents (exactly, but for a window's last, cut-short one)")
+    g("--copy_frac", type=float, default=TEACHER_DATA["copy_frac"], help="share of student documents that are copy documents (a span repeated far back)")
+    g("--filler_frac", type=float, default=TEACHER_DATA["filler_frac"],
       help="share of student passkey documents in the eval's own format (instruction + filler haystack)")
     g("--teacher_curriculum", type=float, default=0.6,
       help="teacher documents grow from short to the full window over this fraction of its steps (0 = off)")
@@ -104,12 +114,13 @@ def parse_args(argv=None):
     g("--vocab", choices=["compact", "gpt2"], help="full GPT-2 vocabulary, or only the ids the data uses")
     g("--vocab_size", type=int, help="cap of the compact vocabulary (most frequent ids; rarer ones -> <unk>)")
     g = p.add_argument_group("optimisation").add_argument
-    g("--steps", type=int, help="optimizer steps of a student phase")
+    g("--steps", type=int, help="optimizer steps of every student phase this command trains (default: the preset's, "
+                                "cpu: 2000 for phase 1, 1200 for each extension phase)")
     g("--teacher_steps", type=int, help="optimizer steps of the teacher (phase 0)")
     g("--batch", type=int, help="student rows per step at the short window (global, over all processes); "
                                 "longer windows get proportionally fewer rows: same tokens per step")
     g("--teacher_batch", type=int, help="rows per step, teacher")
-    g("--lr", type=float, help="peak learning rate, student phases")
+    g("--lr", type=float, help="peak learning rate of every student phase this command trains (cpu: 6e-3, then 3e-3)")
     g("--teacher_lr", type=float, help="peak learning rate, teacher")
     g("--warmup", type=int, default=None, help="linear warm-up steps (then cosine decay to 10%%; default 50)")
     g("--weight_decay", type=float, default=0.1)
@@ -132,6 +143,10 @@ def parse_args(argv=None):
     return args
 
 
+def _values(value):
+    return value if isinstance(value, tuple) else (value,)
+
+
 def validate(args):
     def need(cond, msg):
         if not cond:
@@ -140,11 +155,11 @@ def validate(args):
     for k in ("teacher_layers", "teacher_heads", "teacher_embd", "student_layers", "student_heads", "student_embd", "short_len",
               "teacher_window", "steps", "teacher_steps", "batch", "teacher_batch", "chunk", "eval_n", "key_digits",
               "ckpt_every", "log_every"):
-        need(getattr(args, k) > 0, f"--{k} must be a positive integer, got {getattr(args, k)}")
+        need(min(_values(getattr(args, k))) > 0, f"--{k} must be a positive integer, got {getattr(args, k)}")
     need(args.growth >= 2, f"--growth must be >= 2 (the window grows each extension phase), got {args.growth}")
     need(args.key_digits <= 9, f"--key_digits must be <= 9, got {args.key_digits}")
     for k in ("lr", "teacher_lr", "temperature", "answer_weight", "grad_clip"):
-        need(0 < getattr(args, k) < math.inf, f"--{k} must be a positive number, got {getattr(args, k)}")
+        need(all(0 < v < math.inf for v in _values(getattr(args, k))), f"--{k} must be a positive number, got {getattr(args, k)}")
     for k in ("mix", "passkey_frac", "copy_frac", "filler_frac", "teacher_curriculum", "curriculum"):
         need(0 <= getattr(args, k) <= 1, f"--{k} must be in [0, 1], got {getattr(args, k)}")
     need(args.weight_decay >= 0 and args.warmup >= 0, "--weight_decay and --warmup must be >= 0")

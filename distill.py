@@ -31,7 +31,7 @@ import checkpoint
 import data
 import eval_retrieval
 import rope
-from config import PRESETS, TEACHER_DATA, UsageError, parse_args  # noqa: F401 (PRESETS: read by the tools)
+from config import PRESETS, TEACHER_DATA, UsageError, parse_args, per_phase  # noqa: F401 (PRESETS: read by the tools)
 from loss import free_buffers, head_loss
 from model import GPT, GPTConfig
 
@@ -47,7 +47,17 @@ def window_of(args, phase):
 
 def rows_of(args, phase):
     """Rows per step: the teacher's as given; a student's shrink with its window (the same tokens per step)."""
-    return args.teacher_batch if phase == 0 else max(1, args.batch * args.short_len // window_of(args, phase))
+    return args.teacher_batch if phase == 0 else max(1, per_phase(args.batch, phase) * args.short_len // window_of(args, phase))
+
+
+def uses_teacher(args, phase):
+    """Only KD needs the teacher: a CE phase builds the same vocabulary from the corpus itself."""
+    return phase >= 1 and per_phase(args.loss, phase) != "ce"
+
+
+def vocab_for(args, corpus):
+    """The one vocabulary of teacher and students: derived from the corpus and the key digits alone."""
+    return data.Vocab.compact(corpus, args.key_digits, args.vocab_size) if args.vocab == "compact" else data.Vocab.gpt2()
 
 
 def model_config(args, phase, vocab_size):
@@ -145,19 +155,23 @@ def setup_phase(args, phase, corpus, device, rank, world):
         raise UsageError(f"{s.batch} rows per step at window {s.window} cannot be split over {world} processes; change --batch")
     if phase == 0:
         s.steps, s.lr, s.packing = args.teacher_steps, args.teacher_lr, args.teacher_packing
-        s.vocab = data.Vocab.compact(corpus, args.key_digits, args.vocab_size) if args.vocab == "compact" else data.Vocab.gpt2()
+        s.vocab = vocab_for(args, corpus)
         torch.manual_seed(args.seed + 1_000_003)  # the teacher's own stream: never the student's init
         s.model, s.lineage = GPT(model_config(args, 0, len(s.vocab))).to(device), f"scratch(seed={args.seed}+1000003)"
         s.positions = {"doc_mask": "reset", "cross_doc": "continuous"}[args.teacher_packing]
     else:
-        s.steps, s.lr, s.packing, s.positions = args.steps, args.lr, args.packing, args.positions
-        s.teacher, s.vocab, teacher_window = checkpoint.load_teacher(args.teacher or ckpt_path(args, 0), args.key_digits, device)
-        s.mix = {"kd": 1.0, "ce": 0.0, "mix": args.mix}[args.loss]
+        s.steps, s.lr, s.packing, s.positions = per_phase(args.steps, phase), per_phase(args.lr, phase), args.packing, args.positions
+        s.mix = {"kd": 1.0, "ce": 0.0, "mix": args.mix}[per_phase(args.loss, phase)]
+        s.vocab = vocab_for(args, corpus)
+        if uses_teacher(args, phase):
+            teacher_path = args.teacher or ckpt_path(args, 0)
+            s.teacher, teacher_vocab, teacher_window = checkpoint.load_teacher(teacher_path, args.key_digits, device)
+            if teacher_vocab != s.vocab:
+                raise checkpoint.CheckpointError(f"teacher {teacher_path} uses another vocabulary than this corpus gives "
+                                                 f"(--data / --vocab / --vocab_size differ from the teacher's run)")
+            if s.window > teacher_window:
+                say(rank, f"warning: phase {phase} window {s.window} exceeds the teacher's training window {teacher_window}")
         s.model, s.lineage = init_student(args, phase, s.vocab, device)
-        if s.window > teacher_window:
-            say(rank, f"warning: phase {phase} window {s.window} exceeds the teacher's training window {teacher_window}")
-        if s.mix == 0:
-            s.teacher = None  # pure CE: the teacher only lent its vocabulary
     s.sampler, s.max_doc = sampler_for(args, corpus, phase)
     too_many_epochs = data.epoch_warning(corpus, s.steps * s.batch * s.window)
     if too_many_epochs:
@@ -297,25 +311,19 @@ def end_of_phase_eval(args, s, corpus, device, elapsed, stats):
 def main(argv=None):
     try:
         args = parse_args(argv)
+        preflight(args)
         device, rank, world = setup_runtime(args)
-        os.makedirs(args.out, exist_ok=True)
         corpus = data.load_corpus(args.data)
-        for prereq in ([] if args.phase == 0 else range(args.phase)):
-            path = args.teacher if (prereq == 0 and args.teacher) else ckpt_path(args, prereq)
-            if prereq > 0 and args.init and prereq == args.phase - 1:
-                continue
-            if not os.path.exists(path):
-                if prereq == 0 and args.teacher:
-                    raise checkpoint.CheckpointError(f"--teacher {args.teacher}: no such file")
-                say(rank, f"phase {prereq} checkpoint {path} not found: training phase {prereq} first")
-                check_unfinished(args, prereq)
-                run_phase(args, prereq, corpus, device, rank, world)
         target = ckpt_path(args, args.phase)
         if os.path.exists(target) and not args.force:
             say(rank, f"phase {args.phase} is already finished: {target} (use --force to retrain it, or --out for a new run)")
             return 0
-        check_unfinished(args, args.phase)
-        run_phase(args, args.phase, corpus, device, rank, world)
+        os.makedirs(args.out, exist_ok=True)
+        for phase in phases_to_train(args):
+            if phase != args.phase:
+                say(rank, f"phase {phase} checkpoint {ckpt_path(args, phase)} not found: training phase {phase} first")
+            check_unfinished(args, phase)
+            run_phase(args, phase, corpus, device, rank, world)
     except (UsageError, checkpoint.CheckpointError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -323,6 +331,37 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def preflight(args):
+    """Bad paths are one-line errors before anything trains (a missing teacher must not train for minutes
+    before a truncated --init is noticed)."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file; give a folder for the run's checkpoints and logs")
+    if args.init and args.phase < 2:
+        raise UsageError(f"--init starts an extension phase (2, 3, ...) from a student checkpoint; phase {args.phase} starts from scratch")
+    for flag, path, check in (("--teacher", args.teacher, lambda p: checkpoint.load_teacher(p, args.key_digits)),
+                              ("--init", args.init, student_checkpoint)):
+        try:
+            if path:
+                check(path)
+        except checkpoint.CheckpointError as e:
+            raise checkpoint.CheckpointError(f"{flag}: {e}") from None
+
+
+def student_checkpoint(path):
+    if checkpoint.load(path).get("phase", 0) < 1:
+        raise checkpoint.CheckpointError(f"{path} is the teacher; a student phase must start from a student checkpoint (no cloning)")
+
+
+def phases_to_train(args):
+    """The requested phase and its missing prerequisites, in order: the students before it (none with --init),
+    and the teacher only when a phase to train distils from it."""
+    students = [k for k in range(1, args.phase) if not args.init and not os.path.exists(ckpt_path(args, k))] + \
+               ([args.phase] if args.phase >= 1 else [])
+    need_teacher = args.phase == 0 or any(uses_teacher(args, k) for k in students)
+    teacher_missing = not os.path.exists(args.teacher or ckpt_path(args, 0))  # a given --teacher exists (preflight)
+    return ([0] if need_teacher and (args.phase == 0 or teacher_missing) else []) + students
 
 
 def check_unfinished(args, phase):

@@ -105,8 +105,12 @@ def accuracy(records, key="correct", **match):
 
 
 def distance_buckets(short_len, longest):
-    """Key-distance buckets: below the short window, up to 4x it, and beyond (the 'long' range)."""
-    edges = [0, short_len, 4 * short_len, max(longest, 4 * short_len + 1)]
+    """Key-distance buckets in multiples of the longest training document: 0-1x, 1-2x, 2-4x, 4-8x, ... up to
+    `longest` (the last bucket ends past it), so that the distance where retrieval stops shows in the table."""
+    edges = [0, short_len]
+    while edges[-1] < longest:
+        edges.append(2 * edges[-1])
+    edges[-1] = max(edges[-1], longest + 1)
     return list(zip(edges[:-1], edges[1:]))
 
 
@@ -206,7 +210,7 @@ def main(argv=None):
     windows = [ck["window"] for _, _, ck in loaded]
     digits = loaded[0][2]["key_digits"]
     try:
-        lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else default_lengths(max(windows))
+        lengths = parse_lengths(args.lengths) if args.lengths else default_lengths(max(windows))
         results = [passkey(m, v, lengths, depths, args.n, args.seed, digits, args.greedy, device=args.device) for m, v, _ in loaded]
     except (ValueError, data.DataError) as e:
         sys.exit(_fail(str(e)))
@@ -230,6 +234,16 @@ def main(argv=None):
         print(f"records -> {args.json}")
     if args.png:
         save_heatmap(args.png, names, results, lengths, depths)
+
+
+def parse_lengths(text):
+    try:
+        lengths = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--lengths must be comma-separated prompt lengths in tokens, got {text!r}") from None
+    if min(lengths) < 1:
+        raise ValueError(f"--lengths must be positive, got {text!r}")
+    return lengths
 
 
 def _fail(msg):

@@ -22,7 +22,12 @@ def test_ablate_runs_variants_and_writes_summary(tmp_path, tiny_corpus_dir, caps
     assert set(r["cells"]) == {"teacher", "phase1", "kd-s0", "kd-s1", "ce-s0", "ce-s1"}
     for key in ("kd_long_acc", "ce_long_acc", "phasewise_long_acc", "fixed_long_acc"):
         assert key in r["summary"] and (r["summary"][key] is None or 0 <= r["summary"][key] <= 1)
-    assert set(r["transfer_channel"]) == {"q1", "q2", "q3", "q4", "answers"}
+    for key in ("kd_mid_acc", "ce_mid_acc", "ref_mid_acc", "phase1_mid_acc"):  # key distance 1x-4x the short window
+        assert key in r["summary"]
+    assert r["summary"]["mid_distance_from"] == 64 and r["summary"]["mid_distance_to"] == 256
+    assert r["setup"]["distance_buckets"][:3] == ["0-64", "64-128", "128-257"]  # doubling, up to 2x the window
+    assert set(r["transfer_channel"]) == {"q1", "q2", "q3", "q4", "answers", "by_distance"}
+    assert set(r["transfer_channel"]["by_distance"]["kl_full_last_k"]) == {"64"}  # the window 128 has one edge below it
     assert r["variants"]["kd"]["seeds"] == 2
     assert "| kd | 2 |" in capsys.readouterr().out  # one row per variant, over its 2 seeds
     assert ablate.main(["--report", "--results", str(results)]) == 0
@@ -131,14 +136,16 @@ def test_smoke_runs_the_cpu_ablation_path(tmp_path, capsys):
     assert set(r["cells"]) == {"teacher", "phase1", "kd-s0", "ce-s0", "kd-fixed-s0", "kd-mismatch-s0", "ce-long-s0"}
     assert (tmp_path / "runs" / "shared_docmask" / "phase0.pt").exists()  # kd-mismatch's own, document-masked teacher
     s = r["summary"]
-    assert s["seeds"] == 1 and (s["long_distance_from"], s["long_distance_to"]) == (256, 512) and s["rope"] == "phasewise"
-    for k in ("phase1_window_acc", "ref_long_acc", "kd_long_acc", "ce_long_acc", "phasewise_long_acc", "fixed_long_acc"):
+    assert s["seeds"] == 1 and (s["long_distance_from"], s["long_distance_to"]) == (256, 512) and s["rope"] == "bound"
+    for k in ("phase1_window_acc", "ref_long_acc", "kd_long_acc", "ce_long_acc", "bound_long_acc", "fixed_long_acc",
+              "kd_mid_acc", "ce_mid_acc"):
         assert 0 <= s[k] <= 1, k
     assert r["variants"]["kd-fixed"]["rope"] == "fixed" and r["setup"]["window"] == 512
     theta = lambda p: torch.load(tmp_path / "runs" / p, weights_only=True)["model_config"]["rope"]["theta"]  # noqa: E731
     assert theta("kd-fixed-s0/phase2.pt") == theta("shared/phase1.pt") != theta("kd-s0/phase2.pt")  # fixed = phase 1's base
     out = capsys.readouterr().out
-    assert "upper reference (ce-long" in out and "KD on short documents" in out and "CE on short documents" in out
+    assert "upper reference: CE on long documents (ce-long)" in out and "KD on short packed documents" in out
+    assert "CE on short packed documents" in out
 
 
 def test_a_run_cut_short_continues_on_the_next_invocation(tmp_path, monkeypatch):
@@ -160,3 +167,22 @@ def test_a_run_cut_short_continues_on_the_next_invocation(tmp_path, monkeypatch)
     assert ablate.main(argv) == 0
     assert (run / "phase2.pt").exists() and not (run / "phase2.partial.pt").exists()
     assert "resuming phase 2 at step 1" in (run / "train.log").read_text()
+
+
+def test_other_keys_by_key_distance_counts_each_earlier_key_in_its_own_bucket():
+    """Three passkey answers in one row: at the third, key A stands 100 tokens back and key B 20 tokens back.
+    Their probabilities land in the 64-128 and 0-64 buckets; an answer's own key is never counted."""
+    T, V = 130, 10
+    targets = torch.full((1, T), 1)
+    weights = torch.ones(1, T)
+    for pos, key in ((10, 3), (90, 4), (110, 5)):  # first answer pieces: keys 3, 4, 5
+        targets[0, pos], weights[0, pos] = key, 10.0
+    probs = torch.full((1, T, V), 0.01)
+    probs[0, 110, 3], probs[0, 110, 4], probs[0, 110, 5] = 0.2, 0.05, 0.6
+    logp = {"full": probs.log(), "doc": probs.log()}
+    out = ablate.answer_targets(logp, {"targets": targets, "weights": weights}, [(0, 64), (64, 128)])
+    assert out["n"] == 2  # answers at 90 (one earlier key) and 110 (two)
+    by = out["by_key_distance"]
+    assert by["0-64"]["n"] == 1 and by["0-64"]["other_keys_full"] == pytest.approx(0.05)  # key 4, 20 back from 110
+    # 64-128: key 3 is 80 back from 90 (p 0.01) and 100 back from 110 (p 0.2)
+    assert by["64-128"]["n"] == 2 and by["64-128"]["other_keys_full"] == pytest.approx((0.01 + 0.2) / 2)

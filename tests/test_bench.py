@@ -197,10 +197,11 @@ def test_the_default_sweep_starts_with_the_presets_own_steps():
     args = distill.parse_args(["--phase", "1"])
     own = [(distill.window_of(args, k), distill.rows_of(args, k)) for k in (1, 2)]
     assert bench.preset_steps("cpu") == own
-    assert own[0][0] * own[0][1] == own[1][0] * own[1][1] == PRESETS["cpu"]["batch"] * PRESETS["cpu"]["short_len"]
+    for k, (window, rows) in zip((1, 2), own):  # rows x window = the phase's batch at the short window
+        assert window * rows == distill.per_phase(PRESETS["cpu"]["batch"], k) * PRESETS["cpu"]["short_len"]
     for argv in ([], ["--quick"]):
         a = bench.parse_args(argv)
-        assert list(zip(a.windows, a.rows))[:2] == own and len(a.windows) > 2 and bench.own_windows(a) == {64: 1, 256: 2}
+        assert list(zip(a.windows, a.rows))[:2] == own and len(a.windows) > 2 and bench.own_windows(a) == {64: 1, 512: 2}
     a = bench.parse_args(["--windows", "64,512", "--rows", "32"])
     assert a.rows == [32, 32] and bench.own_windows(a) == {64: 1}  # 512 x 32 is not a step of the preset
     assert bench.own_windows(bench.parse_args(["--student", "2,4,128"])) == {}  # not the preset's models

@@ -181,3 +181,42 @@ def test_torchrun_two_cpu_processes_match_one_process(teacher_run, tiny_corpus_d
     assert len(a) == len(b) == 4
     assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))  # rank 0 alone wrote checkpoints and logs
+
+
+def test_bad_paths_are_rejected_before_anything_trains(tiny_corpus_dir, tmp_path, capsys):
+    """A fresh folder (no teacher yet) and a truncated --init: the error comes before the teacher would train;
+    an --out that names a file is one line too, and the file is untouched."""
+    fresh = str(tmp_path / "fresh")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(b"PK\x03\x04 cut short")
+    std = ["--data", tiny_corpus_dir, *TINY]
+    for argv, flag in ((["--phase", "2", "--out", fresh, *std, "--init", str(truncated)], "--init"),
+                       (["--phase", "2", "--out", fresh, *std, "--teacher", str(tmp_path / "none.pt")], "--teacher"),
+                       (["--phase", "1", "--out", fresh, *std, "--init", str(truncated)], "--init"),
+                       (["--phase", "1", "--out", str(truncated), *std], "--out")):
+        assert distill.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {flag}") and err.count("\n") == 0, err
+        assert not os.path.exists(os.path.join(fresh, "phase0.pt"))
+    assert truncated.read_bytes() == b"PK\x03\x04 cut short"
+
+
+def test_a_ce_phase_trains_no_teacher_and_builds_the_teachers_vocabulary(teacher_run, tiny_corpus_dir, tmp_path, capsys):
+    out = str(tmp_path / "ce")
+    assert distill.main(["--phase", "1", "--loss", "ce", "--out", out, "--data", tiny_corpus_dir, *TINY]) == 0
+    assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == ["phase1.pt"]  # no teacher, placeholder or real
+    _, ce_vocab, _ = checkpoint.load_model(os.path.join(out, "phase1.pt"))
+    _, teacher_vocab, _ = checkpoint.load_model(os.path.join(teacher_run, "phase0.pt"))
+    assert ce_vocab == teacher_vocab
+    capsys.readouterr()
+    # KD from that teacher with another vocabulary (the full GPT-2 one) is refused in one line, before training
+    code = distill.main(["--phase", "1", "--force", "--out", out, "--data", tiny_corpus_dir, *TINY, "--vocab", "gpt2",
+                         "--teacher", os.path.join(teacher_run, "phase0.pt")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "another vocabulary" in err and err.count("\n") == 0
+
+
+def test_eval_names_the_flag_of_bad_lengths(teacher_run):
+    r = subprocess.run([PY, "eval_retrieval.py", os.path.join(teacher_run, "phase0.pt"), "--lengths", "abc"],
+                       cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--lengths" in r.stderr

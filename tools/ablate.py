@@ -1,22 +1,25 @@
 """
-The ablation matrix of the paper's headline claim, at toy scale (arXiv 2604.06070, findings 1-2):
-does a student trained only on short documents packed into a long window retrieve far beyond
-its documents after logit distillation -- and better than its cross-entropy twin?
+The headline comparison of the paper's claim, at toy scale (arXiv 2604.06070; MobileLLM-Pro's table shape):
+does a student trained only on short documents packed into a long window retrieve far beyond its
+documents after logit distillation -- and better than its cross-entropy twin?
 
-    python tools/ablate.py                      # teacher + phase 1 + every variant x seed, then evaluate
-    python tools/ablate.py --report             # print the README table from results/ablation.json
+    python tools/ablate.py                        # 1 seed: phase 1, ce-long, kd, ce from the default teacher and phase 1
+    python tools/ablate.py --seeds 3 --results results/ablation.json     # the README's 3-seed table
+    python tools/ablate.py --matrix               # every variant (RoPE rules, masking, the mismatched teacher, ...)
+    python tools/ablate.py --regime passkey-only  # the same comparison under one of the old defaults (REGIMES)
+    python tools/ablate.py --report --results results/ablation.json      # print a results file's table
 
-From ONE teacher and ONE phase-1 student, each variant runs the extension phase on the same
-short packed data and is evaluated the same way.  The teacher is trained with cross-document
-packing, as the students see their packed windows (kd-mismatch: a document-masked teacher
-queried across documents, the inconsistent setup whose only long-range signal is other
-documents' keys).  Evaluation:
+The rows, as the predecessor reports them: the lower reference (phase 1: the short phase alone), the
+upper reference (ce-long: CE on real long documents, what the method avoids), KD on short packed
+documents (the method) and CE on the very same short data.  From ONE teacher and ONE phase-1 student
+(by default the Quickstart's out/phase0.pt and out/phase1.pt, trained by distill.py if missing), each
+variant runs the extension phase and is evaluated the same way:
   * passkey retrieval (eval_retrieval.py) from the short window to twice the extended window,
-    summarised by key distance (tokens between the needle's key and the answer);
+    by key distance (tokens between the needle's key and the answer) in multiples of the longest
+    training document, so that the distance where retrieval stops shows;
   * held-out text loss by quarter of the extended window (perplexity vs position);
-  * the transfer-channel diagnostic: what the teacher's soft targets on this packed data
-    carry about context outside the current document -- KD cannot transfer more than that.
-Results go to results/ablation.json (small, committed); --report turns it into the table.
+  * the transfer channel: what the teacher's soft targets on this packed data carry about context
+    outside the current document, by distance -- KD cannot transfer more than that.
 """
 
 import argparse
@@ -32,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import checkpoint
 import data
@@ -55,18 +59,30 @@ VARIANTS = {
     # upper reference: long documents (what the method avoids), grown by a curriculum like the teacher's
     "ce-long":      ["--loss", "ce", "--data_mode", "long", "--curriculum", "0.6"],
 }
-OPTIONAL = ("kd+ce",)  # not in the default list
+HEADLINE = ("ce-long", "kd", "ce")  # with phase 1, the predecessor's four rows
+OPTIONAL = ("kd+ce",)  # not in --matrix
+# The defaults this bench had before its headline regime: each failure is a finding (README, "What we found").
+REGIMES = {
+    "student-2x64": "--student_embd 64 --student_heads 4",            # 16-dim heads, 0.36 M parameters
+    "passkey-only": "--passkey_frac 0.5 --copy_frac 0 --filler_frac 0",  # no copy documents, no eval-format keys
+    "phasewise": "--rope phasewise",                                   # the paper's phase-wise reading, below the bound
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/ablation", help="folder of all runs")
-    p.add_argument("--results", default="results/ablation.json", help="where the summary JSON goes")
-    p.add_argument("--variants", default=None, help=f"comma-separated subset of {list(VARIANTS)} (default: all but "
-                   f"{', '.join(OPTIONAL)} and the RoPE variants that only repeat the shared rule)")
-    p.add_argument("--seeds", type=int, default=2, help="extension-phase seeds per variant")
-    p.add_argument("--teacher", default=None, help="reuse this teacher (default: OUT/shared/phase0.pt, trained if missing)")
-    p.add_argument("--init", default=None, help="reuse this phase-1 student (default: OUT/shared/phase1.pt, trained if missing)")
+    p.add_argument("--out", default=None, help="folder of all runs (default: runs/ablation, or runs/ablation-REGIME)")
+    p.add_argument("--results", default=None, help="where the summary JSON goes (default: OUT/ablation.json; "
+                   "the committed headline is results/ablation.json)")
+    p.add_argument("--variants", default=None, help=f"comma-separated subset of {list(VARIANTS)} (default: {','.join(HEADLINE)})")
+    p.add_argument("--matrix", action="store_true", help=f"every variant but {', '.join(OPTIONAL)} and the RoPE variants "
+                   "that only repeat the shared rule")
+    p.add_argument("--regime", choices=REGIMES, default=None, help="add one of the old defaults' flags to every phase "
+                   "(its own teacher and phase 1 in OUT/shared)")
+    p.add_argument("--seeds", type=int, default=1, help="extension-phase seeds per variant")
+    p.add_argument("--teacher", default=None, help="reuse this teacher (default: out/phase0.pt, or OUT/shared/phase0.pt "
+                   "when --flags/--regime/--preset/--smoke change what the phases train; trained if missing)")
+    p.add_argument("--init", default=None, help="reuse this phase-1 student (default: next to the teacher, trained if missing)")
     p.add_argument("--mismatch_teacher", default=None, help="kd-mismatch's teacher, document-masked "
                    "(default: OUT/shared_docmask/phase0.pt, trained with --teacher_packing doc_mask if missing)")
     p.add_argument("--flags", default="", help="extra distill.py flags for every phase (a data design, e.g. '--snippets repeat')")
@@ -91,7 +107,7 @@ def distill_args(args, phase=2):
     flags = ["--preset", args.preset, "--teacher_packing", "cross_doc", "--device", args.device,
              *(["--smoke"] if args.smoke else []), *args.flags.split()]
     base = distill.parse_args(["--phase", "1", *flags])
-    args.window = args.window or base.teacher_window
+    args.window = args.window or distill.window_of(base, 2)  # the preset's extension window
     return ["--phase", str(phase), *flags, "--windows", f"{base.short_len},{args.window}"]  # parse_args checks the flags
 
 
@@ -156,26 +172,52 @@ def run(cmd, log, threads, inline=False):
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
 
 
+def shared_dir(args):
+    """Where the shared teacher and phase 1 live: the Quickstart's out/ when every phase trains the preset's
+    defaults (so `python distill.py --phase 1` and this tool share them), else a folder of this ablation."""
+    preset_window = distill.window_of(distill.parse_args(["--phase", "2"]), 2)
+    default = not args.flags.strip() and args.preset == "cpu" and not args.smoke and args.window == preset_window
+    return "out" if default else os.path.join(args.out, "shared")
+
+
+def run_progress(folder, phase, steps):
+    """Fraction of a distill.py run done, from the last line of its loss log (1 once its checkpoint exists)."""
+    if os.path.exists(os.path.join(folder, f"phase{phase}.pt")):
+        return 1.0
+    try:
+        with open(os.path.join(folder, f"phase{phase}.jsonl"), "rb") as fh:
+            lines = fh.read().splitlines()
+        return min(1.0, json.loads(lines[-1])["step"] / steps) if lines else 0.0
+    except (OSError, ValueError, KeyError):
+        return 0.0
+
+
 def train_all(args, names):
     """Teacher and phase 1 (both threads), then the document-masked teacher if needed and every variant x seed
-    (`jobs` at a time; kd-mismatch waits for its teacher)."""
-    shared = os.path.join(args.out, "shared")
-    os.makedirs(shared, exist_ok=True)
+    (`jobs` at a time; kd-mismatch waits for its teacher), under one progress bar with an ETA."""
+    shared = shared_dir(args)
     teacher = args.teacher or os.path.join(shared, "phase0.pt")
     init = args.init or os.path.join(shared, "phase1.pt")
     mismatch = args.mismatch_teacher or os.path.join(args.out, "shared_docmask", "phase0.pt")
-    if not os.path.exists(init):  # trains the teacher first if it is missing
-        print(f"training the shared teacher and phase-1 student in {shared} (log: {shared}/train.log)", flush=True)
-        extra = ["--teacher", teacher] if args.teacher else []
-        if run(distill_cmd(args, shared, 1, extra), os.path.join(shared, "train.log"), 2, args.smoke).wait():
-            sys.exit(f"error: shared phases failed, see {shared}/train.log")
+    for phase, path, given in ((0, teacher, args.teacher), (1, init, args.init)):
+        if os.path.exists(path):
+            continue
+        if given:
+            sys.exit(f"error: --{'init' if phase else 'teacher'} {path}: no such checkpoint")
+        os.makedirs(shared, exist_ok=True)
+        log = os.path.join(shared, f"train{phase}.log")
+        print(f"training the shared {'phase-1 student' if phase else 'teacher'} into {path} (log: {log})", flush=True)
+        if run(distill_cmd(args, shared, phase, ["--teacher", teacher] if phase else []), log, 2, args.smoke).wait():
+            sys.exit(f"error: the shared phase {phase} failed, see {log}")
     theta1 = checkpoint.load(init)["model_config"]["rope"]["theta"]
     # seed-major: every variant has its first seed before any has its second (a cut-short run still compares)
     queue = [(name, seed) for seed in range(args.seeds) for name in names]
     if "kd-mismatch" in names and not os.path.exists(mismatch):
         queue.insert(0, ("teacher-docmask", 0))
-    running, done, rules = [], [], {}
-    t0 = time.time()
+    running, done, rules, finished = [], [], {}, []
+    teacher_steps = distill.parse_args(distill_args(args, 0)).teacher_steps
+    bar = tqdm(total=len(queue), unit="run", desc="ablation", dynamic_ncols=True, disable=args.smoke,
+               bar_format="{desc}: {n:.1f}/{total} runs |{bar}| {elapsed} elapsed, ETA {remaining} {postfix}")
     while queue or running:
         ready = [q for q in queue if q[0] != "kd-mismatch" or os.path.exists(mismatch)]
         if queue and not ready and not running:
@@ -187,31 +229,37 @@ def train_all(args, names):
                 out = os.path.dirname(mismatch) or "."
                 os.makedirs(out, exist_ok=True)
                 cmd = distill_cmd(args, out, 0, ["--teacher_packing", "doc_mask"])
-                running.append((name, seed, mismatch, run(cmd, os.path.join(out, "train.log"), 1, args.smoke)))
+                running.append((name, seed, mismatch, run(cmd, os.path.join(out, "train.log"), 1, args.smoke), 0, teacher_steps))
                 continue
             out = os.path.join(args.out, f"{name}-s{seed}")
             ckpt = os.path.join(out, "phase2.pt")
             flags, rules[name] = extension_flags(args, name, theta1)
             if os.path.exists(ckpt):
                 done.append((name, seed, ckpt))
+                bar.total -= 1  # reused, not trained: not part of this invocation's ETA
                 continue
             os.makedirs(out, exist_ok=True)
-            cmd = distill_cmd(args, out, 2, ["--teacher", mismatch if name == "kd-mismatch" else teacher, "--init", init,
-                                             "--seed", str(seed), "--eval_n", "1" if args.smoke else "2",
-                                             *(["--steps", str(args.steps)] if args.steps else []),
-                                             *(["--batch", str(args.batch)] if args.batch else []), *flags,
+            cmd = distill_cmd(args, out, 2, ["--init", init, "--seed", str(seed), "--eval_n", "1" if args.smoke else "2",
+                                             "--steps", str(args.steps), "--batch", str(args.batch), *flags,
                                              # a run cut short by a killed invocation continues where it stopped
                                              *(["--resume"] if os.path.exists(os.path.join(out, "phase2.partial.pt")) else [])])
-            running.append((name, seed, ckpt, run(cmd, os.path.join(out, "train.log"), 1, args.smoke)))
-        time.sleep(0.2 if args.smoke else 1)
+            if distill.uses_teacher(distill.parse_args(cmd[2:]), 2):  # a CE run needs no teacher
+                cmd += ["--teacher", mismatch if name == "kd-mismatch" else teacher]
+            running.append((name, seed, ckpt, run(cmd, os.path.join(out, "train.log"), 1, args.smoke), 2, args.steps))
+        time.sleep(0.2 if args.smoke else 2)
         for item in [r for r in running if r[3].poll() is not None]:
             running.remove(item)
-            name, seed, ckpt, proc = item
+            name, seed, ckpt, proc = item[:4]
             if proc.returncode:
+                bar.close()
                 sys.exit(f"error: {name} seed {seed} failed, see {os.path.dirname(ckpt)}/train.log")
             if name != "teacher-docmask":
                 done.append((name, seed, ckpt))
-            print(f"  {name} seed {seed} done ({(time.time() - t0) / 60:.1f} min)", flush=True)
+            finished.append(f"{name}-s{seed}")
+        bar.n = len(finished) + sum(run_progress(os.path.dirname(r[2]), r[4], r[5]) for r in running)
+        bar.set_postfix_str(("running " + ", ".join(f"{r[0]}-s{r[1]}" for r in running)) if running else "", refresh=False)
+        bar.refresh()
+    bar.close()
     return teacher, init, done, rules
 
 
@@ -231,9 +279,14 @@ def transfer_channel(teacher, vocab, sampler, window, short, rows=16, seed=0, de
     pos = data.positions_from_docs(b["doc"], "continuous")
     T = window
     t = torch.arange(T)
-    near_mask = ((t[:, None] - t[None, :] < short) & (t[None, :] <= t[:, None]))[None, None].expand(rows, 1, T, T)
+    edges = [lo for lo, _ in eval_retrieval.distance_buckets(short, window) if lo > 0]  # 1x, 2x, 4x, ... the document
+
+    def last(k):  # attention to the last k tokens only, whichever documents they belong to
+        return ((t[:, None] - t[None, :] < k) & (t[None, :] <= t[:, None]))[None, None].expand(rows, 1, T, T)
+    views = [("full", None), ("doc", b["doc"]), ("near", last(short))] + [(f"last{k}", last(k)) for k in edges if k != short]
     logp = {name: torch.log_softmax(teacher(b["idx"].to(device), pos.to(device), m if m is None else m.to(device)).float(), -1).cpu()
-            for name, m in (("full", None), ("doc", b["doc"]), ("near", near_mask))}
+            for name, m in views}
+    logp.update({f"last{short}": logp["near"]})
     valid = b["targets"] >= 0
     tgt = b["targets"].clamp_min(0)[..., None]
     quarters = torch.arange(T) * 4 // T
@@ -245,32 +298,48 @@ def transfer_channel(teacher, vocab, sampler, window, short, rows=16, seed=0, de
         nll = {k: float(-logp[k].gather(-1, tgt)[..., 0][sel].mean()) for k in ("full", "doc")}
         out[f"q{q + 1}"] = {"kl_full_doc": kl["doc"], "kl_full_near": kl["near"], "top1_changed": top1,
                             "nll_full": nll["full"], "nll_doc": nll["doc"]}
-    out["answers"] = answer_targets(logp, b)
+    out["answers"] = answer_targets(logp, b, eval_retrieval.distance_buckets(short, window))
+    # By distance: what the context further back than k tokens moves in the teacher's distribution, at the
+    # positions that have such context (KL(full || last k)), and its mass on other documents' keys at a
+    # passkey answer by how far back that key stands.  This is the most KD could carry at each distance.
+    full_p = logp["full"].exp()
+    out["by_distance"] = {
+        "kl_full_last_k": {str(k): float((full_p * (logp["full"] - logp[f"last{k}"])).sum(-1)[valid & (t >= k)].mean())
+                           for k in edges},
+        "other_keys_by_key_distance": out["answers"]["by_key_distance"]}
     return out
 
 
-def answer_targets(logp, b):
+def answer_targets(logp, b, buckets=()):
     """
     What the teacher's soft target says at each passkey answer (first key piece) that has other
     passkey documents before it in the window: the probability of the document's own key, and the
     total probability of the OTHER documents' keys -- far keys that the labels never point at.
-    With the full window vs the current document only.
+    With the full window vs the current document only; with `buckets`, the other keys' probability
+    also by how far back each key stands (mean over the answers with an other key in that bucket).
     """
     ans = b["weights"] > 1
     first = ans & ~torch.cat([torch.zeros_like(ans[:, :1]), ans[:, :-1]], 1)
     own, other = {"full": [], "doc": []}, {"full": [], "doc": []}
+    by_dist = {f"{lo}-{hi}": [] for lo, hi in buckets}
     for r, t in first.nonzero().tolist():
         key = int(b["targets"][r, t])
-        earlier = {int(b["targets"][r, u]) for u in first[r, :t].nonzero()[:, 0].tolist()} - {key}
-        if not earlier:
+        earlier = [(u, int(b["targets"][r, u])) for u in first[r, :t].nonzero()[:, 0].tolist()]
+        others = {k for _, k in earlier} - {key}
+        if not others:
             continue
+        p = {k: logp[k][r, t].exp() for k in own}
         for k in own:
-            p = logp[k][r, t].exp()
-            own[k].append(float(p[key]))
-            other[k].append(float(p[sorted(earlier)].sum()))
+            own[k].append(float(p[k][key]))
+            other[k].append(float(p[k][sorted(others)].sum()))
+        for lo, hi in buckets:  # a key piece repeated at several distances counts in each of its buckets
+            ks = {k for u, k in earlier if lo <= t - u < hi} - {key}
+            if ks:
+                by_dist[f"{lo}-{hi}"].append(float(p["full"][sorted(ks)].sum()))
     mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
     return {"n": len(own["full"]), "own_key_full": mean(own["full"]), "own_key_doc": mean(own["doc"]),
-            "other_keys_full": mean(other["full"]), "other_keys_doc": mean(other["doc"])}
+            "other_keys_full": mean(other["full"]), "other_keys_doc": mean(other["doc"]),
+            "by_key_distance": {k: {"n": len(v), "other_keys_full": mean(v)} for k, v in by_dist.items()}}
 
 
 # Data designs of results/NOTES.md section 3 (distill.py flags of the extension phase's data).
@@ -316,29 +385,53 @@ def resolve_device(name):
 
 
 def buckets_for(args):
-    s = args.short
-    return [(0, s), (s, 4 * s), (4 * s, args.window), (args.window, 2 * args.window + 1)]
+    """0-1x, 1-2x, 2-4x, 4-8x, ... the longest training document, up to twice the extension window."""
+    return eval_retrieval.distance_buckets(args.short, 2 * args.window)
+
+
+def acc_between(records, lo, hi):
+    sel = [r["correct"] for r in records if lo <= r["distance"] < hi]
+    return sum(sel) / len(sel) if sel else None
 
 
 def long_acc(records, args):
     """Mean exact match at key distances from 4x the longest training document up to the extension window
     (the summary metric; keys beyond the window trained on ask for length extrapolation, another question,
     and are reported in the last distance bucket only)."""
-    sel = [r["correct"] for r in records if 4 * args.short <= r["distance"] < args.window]
-    return sum(sel) / len(sel) if sel else None
+    return acc_between(records, 4 * args.short, args.window)
+
+
+def mid_acc(records, args):
+    """Mean exact match one to four documents back (key distance 1x-4x the longest training document)."""
+    return acc_between(records, args.short, 4 * args.short)
+
+
+def fine_bins(args):
+    """Half-document-wide key-distance bins up to the extension window: where a cliff sits, to 32 tokens."""
+    w = max(1, args.short // 2)
+    return [(lo, lo + w) for lo in range(0, args.window, w)]
+
+
+def reach(by_bin, level=0.5):
+    """The largest key distance (a bin's upper edge) at which the accuracy is still >= level; 0 if none."""
+    return max((int(k.split("-")[1]) for k, v in by_bin.items() if v is not None and v >= level), default=0)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    args.out = args.out or ("runs/ablation" + (f"-{args.regime}" if args.regime else ""))
+    args.results = args.results or os.path.join(args.out, "ablation.json")
     if args.png is None:
         args.png = os.path.splitext(args.results)[0] + ".png"
     if args.report:
         return report(args.results, args.png)
+    if args.regime:
+        args.flags = f"{REGIMES[args.regime]} {args.flags}"
     if args.smoke:
         args.seeds, args.n, args.variants = 1, 1, args.variants or ",".join(VARIANTS)
     try:
         dev = resolve_device(args.device)
-        names = args.variants.split(",") if args.variants else default_variants(args)
+        names = args.variants.split(",") if args.variants else default_variants(args) if args.matrix else list(HEADLINE)
         unknown = [n for n in names if n not in VARIANTS]
         if unknown or args.seeds < 1 or args.jobs < 1:
             raise distill.UsageError(f"unknown variants {unknown} (choose from {list(VARIANTS)}), or --seeds/--jobs < 1")
@@ -346,7 +439,8 @@ def main(argv=None):
     except distill.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args.short, args.steps, args.batch = dargs.short_len, args.steps or dargs.steps, args.batch or dargs.batch
+    args.short = dargs.short_len
+    args.steps, args.batch = args.steps or distill.per_phase(dargs.steps, 2), args.batch or distill.per_phase(dargs.batch, 2)
     if args.channel:
         if not args.teacher:
             print("error: --channel needs --teacher CKPT", file=sys.stderr)
@@ -395,17 +489,26 @@ def summarise(args, names, rules, cells, channel, lengths, tck, s1ck, train_min,
     table = {}
     for key, cell in cells.items():
         table[key] = {"by_distance": eval_retrieval.by_distance(cell["records"], buckets),
-                      "long_acc": long_acc(cell["records"], args),
+                      "by_distance_fine": eval_retrieval.by_distance(cell["records"], fine_bins(args)),
+                      "long_acc": long_acc(cell["records"], args), "mid_acc": mid_acc(cell["records"], args),
                       "by_length": {L: eval_retrieval.accuracy(cell["records"], length=L) for L in lengths},
                       "text_loss_by_quarter": cell["text_loss_by_quarter"],
                       "final_loss_kd_ce": cell.get("final_loss"), "train_minutes": cell.get("train_minutes")}
 
-    def long_accs(name):
-        return [c["long_acc"] for c in seed_cells(table, name) if c["long_acc"] is not None]
+    def long_accs(name, key="long_acc"):
+        return [c[key] for c in seed_cells(table, name) if c[key] is not None]
 
-    def mean_of(name):
-        accs = long_accs(name)
+    def mean_of(name, key="long_acc"):
+        accs = long_accs(name, key)
         return float(np.mean(accs)) if accs else None
+
+    def kd_reach():  # over the seed-mean of every fine bin
+        cells_kd = seed_cells(table, "kd")
+        if not cells_kd:
+            return None
+        bins = cells_kd[0]["by_distance_fine"]
+        return reach({k: (None if any(c["by_distance_fine"][k] is None for c in cells_kd)
+                          else float(np.mean([c["by_distance_fine"][k] for c in cells_kd]))) for k in bins})
 
     def under(loss, rule):  # the variant of this loss whose extension phase used this RoPE rule (kd, or kd-RULE)
         return next((mean_of(n) for n in (loss, f"{loss}-{rule}") if n in names and rules.get(n) == rule), None)
@@ -430,6 +533,9 @@ def summarise(args, names, rules, cells, channel, lengths, tck, s1ck, train_min,
                   "distance_buckets": [f"{lo}-{hi}" for lo, hi in buckets]},
         "summary": {"phase1_window_acc": phase1_window, "phase1_long_acc": mean_of("phase1"),
                     "ref_long_acc": mean_of("ce-long"), "kd_long_acc": mean_of("kd"), "ce_long_acc": mean_of("ce"),
+                    "phase1_mid_acc": mean_of("phase1", "mid_acc"), "ref_mid_acc": mean_of("ce-long", "mid_acc"), "kd_mid_acc": mean_of("kd", "mid_acc"),
+                    "ce_mid_acc": mean_of("ce", "mid_acc"), "kd_reach": kd_reach(),
+                    "mid_distance_from": args.short, "mid_distance_to": 4 * args.short,
                     "phasewise_long_acc": under("kd", "phasewise"), "fixed_long_acc": under("kd", "fixed"),
                     "bound_long_acc": under("kd", "bound"), "ce_fixed_long_acc": under("ce", "fixed"),
                     "kd_mismatch_long_acc": mean_of("kd-mismatch"), "seeds": args.seeds,
@@ -498,14 +604,22 @@ def report(path, png=""):
     print("\nsummary:", json.dumps(r["summary"]))
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     if "ref_long_acc" in sm:  # results files of this layout
-        far = f"at key distance {long_range}"
-        print(f"  lower reference (phase 1): {fmt(sm['phase1_window_acc'])} inside its {r['setup']['short_len']}-token "
-              f"window, {fmt(sm['phase1_long_acc'])} {far}")
-        print(f"  upper reference (ce-long, long documents): {fmt(sm['ref_long_acc'])} {far}")
-        print(f"  KD on short documents (kd): {fmt(sm['kd_long_acc'])} {far}")
-        print(f"  CE on short documents (ce): {fmt(sm['ce_long_acc'])} {far}")
+        mid = f"{sm['mid_distance_from']}-{sm['mid_distance_to']}" if "mid_distance_from" in sm else None
+        print(f"\n| model (key distance: {mid or '-'} / {long_range}) | {mid or '-'} | {long_range} |\n|---|---|---|")
+        for label, key in (("lower reference: phase 1 (" + fmt(sm["phase1_window_acc"]) + f" inside its "
+                            f"{r['setup']['short_len']}-token window)", "phase1"), ("upper reference: CE on long documents (ce-long)", "ref"),
+                           ("KD on short packed documents (kd)", "kd"), ("CE on short packed documents (ce)", "ce")):
+            print(f"| {label} | {fmt(sm.get(f'{key}_mid_acc'))} | {fmt(sm.get(f'{key}_long_acc'))} |")
+        if sm.get("kd_reach") is not None:
+            print(f"KD's reach (largest key distance still retrieved >= 0.5, seed mean): {sm['kd_reach']} tokens")
     print("transfer channel (teacher, packed short documents):")
     for q, v in r["transfer_channel"].items():
+        if q == "by_distance":
+            print("  by distance: KL(full || last k tokens) " + ", ".join(f"k={k}: {x:.4f}" for k, x in v["kl_full_last_k"].items()) +
+                  "; p(other documents' keys) at a passkey answer, by the key's distance: " +
+                  ", ".join(f"{k}: {'-' if x['other_keys_full'] is None else format(x['other_keys_full'], '.4f')} (n={x['n']})"
+                            for k, x in v["other_keys_by_key_distance"].items()))
+            continue
         if q == "answers":
             if v["n"]:
                 print(f"  at {v['n']} passkey answers with other keys earlier in the window: p(own key) "
