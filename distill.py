@@ -3,11 +3,12 @@ Long-context extension by logit distillation, phase by phase (arXiv 2604.06070).
 
     python distill.py --phase 0   # teacher: CE at the long window, large RoPE base, long documents + passkeys
     python distill.py --phase 1   # student, short phase: short window, small base, short documents only
-    python distill.py --phase 2   # student, extension: window x4, new base, still only short documents,
-                                  #   packed into the long window; loss = KD from the teacher (default)
+    python distill.py --phase 2   # student, extension: window x8 (cpu preset), new base, still only short
+                                  #   documents, packed into the long window; loss = KD from the teacher
 
 Each phase starts from the previous phase's checkpoint (OUT/phaseN.pt) and trains missing
-prerequisites first, so `python distill.py --phase 1` works on a fresh clone.  A finished
+prerequisites first (the teacher only when a phase distils from it), so `python distill.py
+--phase 1` works on a fresh clone.  A finished
 phase is never overwritten unless --force is given; a killed phase continues with --resume.
 Multi-GPU (or multi-process CPU): torchrun --nproc_per_node=N distill.py --phase K.
 --smoke runs a preset's whole path (every phase, window, vocabulary, eval) with tiny models

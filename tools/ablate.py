@@ -445,7 +445,7 @@ def main(argv=None):
         if not args.teacher:
             print("error: --channel needs --teacher CKPT", file=sys.stderr)
             return 2
-        torch.set_num_threads(2)
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))  # both cores, unless told otherwise
         try:
             args.dev = dev
             return channel_by_design(args)
@@ -456,7 +456,7 @@ def main(argv=None):
     teacher_path, init_path, done, rules = train_all(args, names)
     train_min = (time.time() - t0) / 60
     print(f"training done in {train_min:.1f} min; evaluating", flush=True)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     corpus = data.load_corpus(dargs.data)
     lengths = [args.short, args.window] if args.smoke else eval_retrieval.default_lengths(args.window, shortest=args.short)
     teacher, vocab, tck = checkpoint.load_model(teacher_path, dev)
