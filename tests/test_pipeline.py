@@ -31,6 +31,8 @@ def test_phase2_trains_missing_prerequisites_and_writes_everything(run):
         assert [r["step"] for r in log] == list(range(1, len(log) + 1)) and all(r["loss"] > 0 for r in log)
         ev = json.load(open(os.path.join(run, f"phase{k}.eval.json")))
         assert ev["phase"] == k and len(ev["records"]) > 0
+        # the preset's losses: phase 1 learns from the labels (no KD term), the extension distils
+        assert (all(r["kd"] == 0 for r in log) if k < 2 else all(r["kd"] > 0 for r in log)), k
 
 
 def test_checkpoints_reload_with_their_phase_settings(run):

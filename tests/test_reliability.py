@@ -27,7 +27,8 @@ def losses(out, phase):
 def teacher_run(tmp_path_factory, tiny_corpus_dir):
     """A finished tiny teacher + phase 1, shared by the tests below (copied before being modified)."""
     out = str(tmp_path_factory.mktemp("base"))
-    assert distill.main(["--phase", "1", "--out", out, "--data", tiny_corpus_dir, *TINY]) == 0
+    for phase in ("0", "1"):  # phase 1 learns by CE (the preset's default) and would train no teacher
+        assert distill.main(["--phase", phase, "--out", out, "--data", tiny_corpus_dir, *TINY]) == 0
     return out
 
 
@@ -210,7 +211,7 @@ def test_a_ce_phase_trains_no_teacher_and_builds_the_teachers_vocabulary(teacher
     assert ce_vocab == teacher_vocab
     capsys.readouterr()
     # KD from that teacher with another vocabulary (the full GPT-2 one) is refused in one line, before training
-    code = distill.main(["--phase", "1", "--force", "--out", out, "--data", tiny_corpus_dir, *TINY, "--vocab", "gpt2",
+    code = distill.main(["--phase", "1", "--loss", "kd", "--force", "--out", out, "--data", tiny_corpus_dir, *TINY, "--vocab", "gpt2",
                          "--teacher", os.path.join(teacher_run, "phase0.pt")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "another vocabulary" in err and err.count("\n") == 0
