@@ -7,9 +7,9 @@ Long-context extension by logit distillation, phase by phase (arXiv 2604.06070).
                                   #   documents, packed into the long window; loss = KD from the teacher
 
 Each phase starts from the previous phase's checkpoint (OUT/phaseN.pt) and trains missing
-prerequisites first (the teacher only when a phase distils from it), so `python distill.py
---phase 1` works on a fresh clone.  A finished
-phase is never overwritten unless --force is given; a killed phase continues with --resume.
+prerequisites first (the teacher when this phase or the next distils from it), so `python distill.py
+--phase 1` works on a fresh clone and leaves what --phase 2 needs.  A finished phase is never
+overwritten unless --force is given; a killed phase continues with --resume.
 Multi-GPU (or multi-process CPU): torchrun --nproc_per_node=N distill.py --phase K.
 --smoke runs a preset's whole path (every phase, window, vocabulary, eval) with tiny models
 and 2 steps per phase, on any machine: a check that the path works, not a result.
@@ -357,10 +357,11 @@ def student_checkpoint(path):
 
 def phases_to_train(args):
     """The requested phase and its missing prerequisites, in order: the students before it (none with --init),
-    and the teacher only when a phase to train distils from it."""
+    and the teacher when a phase to train or the next one distils from it -- so the Quickstart's CE phase 1
+    leaves everything its KD phase 2 needs, and each of the two commands stays near half the pipeline's time."""
     students = [k for k in range(1, args.phase) if not args.init and not os.path.exists(ckpt_path(args, k))] + \
                ([args.phase] if args.phase >= 1 else [])
-    need_teacher = args.phase == 0 or any(uses_teacher(args, k) for k in students)
+    need_teacher = args.phase == 0 or any(uses_teacher(args, k) for k in students + [args.phase + 1])
     teacher_missing = not os.path.exists(args.teacher or ckpt_path(args, 0))  # a given --teacher exists (preflight)
     return ([0] if need_teacher and (args.phase == 0 or teacher_missing) else []) + students
 

@@ -35,6 +35,16 @@ def test_phase2_trains_missing_prerequisites_and_writes_everything(run):
         assert (all(r["kd"] == 0 for r in log) if k < 2 else all(r["kd"] > 0 for r in log)), k
 
 
+def test_phase1_trains_the_teacher_its_kd_extension_needs(tmp_path, tiny_corpus_dir):
+    """The preset's CE phase 1 does not use the teacher, but the next phase distils: `--phase 1` trains it
+    first, so the Quickstart's two commands split the pipeline's time; an all-CE run trains none."""
+    out, ce = str(tmp_path / "run"), str(tmp_path / "ce")
+    assert distill.main(["--phase", "1", "--out", out, "--data", tiny_corpus_dir, *TINY]) == 0
+    assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == ["phase0.pt", "phase1.pt"]
+    assert distill.main(["--phase", "1", "--loss", "ce", "--out", ce, "--data", tiny_corpus_dir, *TINY]) == 0
+    assert sorted(f for f in os.listdir(ce) if f.endswith(".pt")) == ["phase1.pt"]
+
+
 def test_checkpoints_reload_with_their_phase_settings(run):
     teacher, tv, t = checkpoint.load_model(os.path.join(run, "phase0.pt"))
     s1, v1, c1 = checkpoint.load_model(os.path.join(run, "phase1.pt"))
