@@ -172,6 +172,8 @@ def save_heatmap(path, names, results, lengths, depths):
     for ax, name, recs in zip(axes[0], names, results):
         grid = np.array([[accuracy(recs, length=L, depth=d) for L in lengths] for d in depths])
         ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        for (i, j), a in np.ndenumerate(grid):  # the numbers too: a course projects these
+            ax.text(j, i, f"{a:.2f}", ha="center", va="center", fontsize=6)
         ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], fontsize=7)
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
         ax.set_title(os.path.basename(name), fontsize=8)

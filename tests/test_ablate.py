@@ -7,6 +7,7 @@ import torch
 
 import ablate
 import data
+import eval_retrieval
 from model import GPT, GPTConfig
 from test_pipeline import TINY
 
@@ -31,6 +32,15 @@ def test_ablate_runs_variants_and_writes_summary(tmp_path, tiny_corpus_dir, caps
     assert r["variants"]["kd"]["seeds"] == 2
     assert "| kd | 2 |" in capsys.readouterr().out  # one row per variant, over its 2 seeds
     assert ablate.main(["--report", "--results", str(results)]) == 0
+    # tools/long_range.py: absolute key distances from every prompt's record; a kd-only configuration borrows ce
+    import long_range
+    kd_only = tmp_path / "kd_only.json"
+    kd_only.write_text(json.dumps({**r, "cells": {k: v for k, v in r["cells"].items() if not k.startswith("ce-")}}))
+    assert long_range.main([f"base={results}", f"kd-only={kd_only}", "--out", str(tmp_path / "lr.json"), "--png", ""]) == 0
+    base, other = json.loads((tmp_path / "lr.json").read_text())["configurations"]
+    prompts = [ok for k in ("kd-s0", "kd-s1") for d, ok in r["cells"][k]["distance_correct"] if 64 <= d < 256]
+    assert prompts and base["kd_mid_acc"] == pytest.approx(np.mean(prompts)) and base["seeds"] == 2
+    assert other["borrowed"] == ["ce"] and other["ce_mid_acc"] == base["ce_mid_acc"] and base["borrowed"] == []
     try:
         import matplotlib  # noqa: F401  (optional: the figure is only drawn when it is installed)
         assert (tmp_path / "ablation.png").stat().st_size > 0
@@ -186,3 +196,20 @@ def test_other_keys_by_key_distance_counts_each_earlier_key_in_its_own_bucket():
     assert by["0-64"]["n"] == 1 and by["0-64"]["other_keys_full"] == pytest.approx(0.05)  # key 4, 20 back from 110
     # 64-128: key 3 is 80 back from 90 (p 0.01) and 100 back from 110 (p 0.2)
     assert by["64-128"]["n"] == 2 and by["64-128"]["other_keys_full"] == pytest.approx((0.01 + 0.2) / 2)
+
+
+def test_needle_attention_is_uniform_when_queries_are_zero():
+    """With every query zeroed, attention is uniform over the causal prefix: the answer query pays exactly
+    (key pieces) / (positions it sees) to the needle; a trained-looking model stays within [0, 1]."""
+    import long_range
+    vocab = data.Vocab.gpt2()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=len(vocab), n_layer=2, n_head=2, n_embd=16)).eval()
+    pairs = long_range.needle_attention(model, vocab, [64, 128], n=1, digits=4)
+    assert len(pairs) == 10 and all(0 <= a <= 1 for _, a in pairs)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight[:16] = 0  # the query third of the projection
+    prompts = [p for L in (64, 128) for p in eval_retrieval._prompts(L, eval_retrieval.DEPTHS, 1, 1234, 4)]
+    for (d, a), (tokens, answer, needle, _) in zip(long_range.needle_attention(model, vocab, [64, 128], n=1, digits=4), prompts):
+        assert d == answer - needle and a == pytest.approx((len(tokens) - answer) / answer, abs=1e-6)

@@ -493,7 +493,9 @@ def summarise(args, names, rules, cells, channel, lengths, tck, s1ck, train_min,
                       "long_acc": long_acc(cell["records"], args), "mid_acc": mid_acc(cell["records"], args),
                       "by_length": {L: eval_retrieval.accuracy(cell["records"], length=L) for L in lengths},
                       "text_loss_by_quarter": cell["text_loss_by_quarter"],
-                      "final_loss_kd_ce": cell.get("final_loss"), "train_minutes": cell.get("train_minutes")}
+                      "final_loss_kd_ce": cell.get("final_loss"), "train_minutes": cell.get("train_minutes"),
+                      # every prompt's (key distance, exact match): any distance range can be summarised later
+                      "distance_correct": [[r["distance"], int(r["correct"])] for r in cell["records"]]}
 
     def long_accs(name, key="long_acc"):
         return [c[key] for c in seed_cells(table, name) if c[key] is not None]
