@@ -12,8 +12,8 @@ ce) at mid and long, KD's reach (the largest key distance, to 32 tokens, where K
 and the transfer channel by distance -- what the teacher's soft targets on the packed short documents
 carry from each distance, the most KD could hand on there -- next to what KD retrieves there.
 
-ce-long and ce never read the teacher: a configuration that changes only the teacher (or runs kd
-alone) takes them from the first configuration, and says so in `borrowed`.
+ce-long and ce never read the teacher: a configuration that changes only the teacher (same flags, same
+phase 1) and runs kd alone takes them from the first configuration, and says so in `borrowed`.
 """
 
 import argparse
@@ -63,7 +63,8 @@ def configuration(name, paths, first=None):
     files = [json.load(open(p)) for p in paths]
     short = files[0]["setup"]["short_len"]
     cells = {v: [c for r in files for c in ablate.seed_cells(r["cells"], v)] for v in ("kd", "ce", "ce-long", "phase1", "teacher")}
-    borrowed = [v for v in ("ce", "ce-long") if not cells[v] and first and first["_cells"][v]]
+    same_students = first is not None and all(files[0]["setup"][k] == first["_setup"][k] for k in ("flags", "short_len", "phase1"))
+    borrowed = [v for v in ("ce", "ce-long") if not cells[v] and same_students and first["_cells"][v]]
     for v in borrowed:
         cells[v] = first["_cells"][v]
     window = files[0]["setup"]["window"]
@@ -82,7 +83,7 @@ def configuration(name, paths, first=None):
         "kd_by_distance_fine": kd_bins,
         "channel_by_distance": channel,
     }
-    return {**entry, "_cells": cells}
+    return {**entry, "_cells": cells, "_setup": files[0]["setup"]}
 
 
 @torch.no_grad()
@@ -191,7 +192,7 @@ def main(argv=None):
             return 2
         out.append(configuration(name, paths, out[0] if out else None))
     for c in out:
-        c.pop("_cells")
+        c.pop("_cells"), c.pop("_setup")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"mid": list(MID), "long": list(LONG), "configurations": out}, fh, indent=1)
