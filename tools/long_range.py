@@ -122,16 +122,15 @@ def attention_by_distance(specs, lengths, n):
     for spec in specs:
         name, _, path = spec.partition("=")
         model, vocab, ck = checkpoint.load_model(path)
-        pairs = needle_attention(model, vocab, lengths, n, ck["key_digits"])
-        out[name] = {"checkpoint": path, "by_distance": {
-            f"{lo}-{hi}": float(np.mean([a for d, a in pairs if lo <= d < hi])) for lo, hi in (*BUCKETS, (512, 1024))
-            if any(lo <= d < hi for d, _ in pairs)}}
+        recs = [{"distance": d, "attention": a} for d, a in needle_attention(model, vocab, lengths, n, ck["key_digits"])]
+        means = eval_retrieval.by_distance(recs, (*BUCKETS, (512, 1024)), key="attention")
+        out[name] = {"checkpoint": path, "by_distance": {k: v for k, v in means.items() if v is not None}}
         print(f"{name:14s} " + "  ".join(f"{k}: {v:.3f}" for k, v in out[name]["by_distance"].items()), flush=True)
     return out
 
 
 def plot(configs, png):
-    plt = ablate.eval_retrieval.pyplot()
+    plt = eval_retrieval.pyplot()
     if plt is None:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
