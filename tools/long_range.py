@@ -13,7 +13,8 @@ and the transfer channel by distance -- what the teacher's soft targets on the p
 carry from each distance, the most KD could hand on there -- next to what KD retrieves there.
 
 ce-long and ce never read the teacher: a configuration that changes only the teacher (same flags, same
-phase 1) and runs kd alone takes them from the first configuration, and says so in `borrowed`.
+phase 1) and runs kd alone takes them from the first earlier configuration that trained the same students,
+and says which in `borrowed` ({variant: configuration}).
 """
 
 import argparse
@@ -59,14 +60,16 @@ def acc(cells, lo, hi, short):
     return float(np.mean(vals)) if vals else None
 
 
-def configuration(name, paths, first=None):
+def configuration(name, paths, earlier=()):
     files = [json.load(open(p)) for p in paths]
     short = files[0]["setup"]["short_len"]
     cells = {v: [c for r in files for c in ablate.seed_cells(r["cells"], v)] for v in ("kd", "ce", "ce-long", "phase1", "teacher")}
-    same_students = first is not None and all(files[0]["setup"][k] == first["_setup"][k] for k in ("flags", "short_len", "phase1"))
-    borrowed = [v for v in ("ce", "ce-long") if not cells[v] and same_students and first["_cells"][v]]
-    for v in borrowed:
-        cells[v] = first["_cells"][v]
+    same_students = [c for c in earlier if all(files[0]["setup"][k] == c["_setup"][k] for k in ("flags", "short_len", "phase1"))]
+    borrowed = {}
+    for v in ("ce", "ce-long"):
+        donor = next((c for c in same_students if c["_cells"][v]), None)
+        if not cells[v] and donor:
+            cells[v], borrowed[v] = donor["_cells"][v], donor["name"]
     window = files[0]["setup"]["window"]
     kd_bins = {f"{lo}-{lo + BIN}": acc(cells["kd"], lo, lo + BIN, short) for lo in range(0, window, BIN)}
     channel = files[0]["transfer_channel"].get("by_distance")
@@ -162,7 +165,7 @@ def plot(configs, png):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("configs", nargs="+", help="NAME=FILE[+FILE...] (tools/ablate.py results files); the first is the baseline")
+    p.add_argument("configs", nargs="+", help="NAME=FILE[+FILE...] (tools/ablate.py results files), the baseline first")
     p.add_argument("--out", default="results/long_range/summary.json")
     p.add_argument("--png", default=None, help="figure (default: OUT with .png; '' = none)")
     p.add_argument("--attention", action="store_true", help="instead: the arguments are NAME=CKPT, and OUT gets each "
@@ -189,7 +192,7 @@ def main(argv=None):
         if not name or not files or missing:
             print(f"error: {spec!r}: want NAME=FILE[+FILE...] of existing files (missing: {missing})", file=sys.stderr)
             return 2
-        out.append(configuration(name, paths, out[0] if out else None))
+        out.append(configuration(name, paths, out))
     for c in out:
         c.pop("_cells"), c.pop("_setup")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
