@@ -14,7 +14,8 @@ carry from each distance, the most KD could hand on there -- next to what KD ret
 
 ce-long and ce never read the teacher: a configuration that changes only the teacher (same flags, same
 phase 1) and runs kd alone takes them from the first earlier configuration that trained the same students,
-and says which in `borrowed` ({variant: configuration}).
+and says which in `borrowed` ({variant: configuration}); ce-long, trained on real long documents, is also
+taken across data designs (--snippets), which only shape the packed short data.
 """
 
 import argparse
@@ -60,14 +61,24 @@ def acc(cells, lo, hi, short):
     return float(np.mean(vals)) if vals else None
 
 
+def same_students(setup, other, variant):
+    """Would `variant` train the same students under both setups?  ce-long trains on real long documents,
+    so the packed data's design (--snippets) never reaches it."""
+    def flags(st):
+        words = st["flags"].split()
+        if variant == "ce-long" and "--snippets" in words:
+            del words[words.index("--snippets"):words.index("--snippets") + 2]
+        return words
+    return flags(setup) == flags(other) and all(setup[k] == other[k] for k in ("short_len", "phase1"))
+
+
 def configuration(name, paths, earlier=()):
     files = [json.load(open(p)) for p in paths]
     short = files[0]["setup"]["short_len"]
     cells = {v: [c for r in files for c in ablate.seed_cells(r["cells"], v)] for v in ("kd", "ce", "ce-long", "phase1", "teacher")}
-    same_students = [c for c in earlier if all(files[0]["setup"][k] == c["_setup"][k] for k in ("flags", "short_len", "phase1"))]
     borrowed = {}
     for v in ("ce", "ce-long"):
-        donor = next((c for c in same_students if c["_cells"][v]), None)
+        donor = next((c for c in earlier if c["_cells"][v] and same_students(files[0]["setup"], c["_setup"], v)), None)
         if not cells[v] and donor:
             cells[v], borrowed[v] = donor["_cells"][v], donor["name"]
     window = files[0]["setup"]["window"]
