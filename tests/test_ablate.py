@@ -50,6 +50,14 @@ def test_ablate_runs_variants_and_writes_summary(tmp_path, tiny_corpus_dir, caps
     prompts = [ok for k in ("kd-s0", "kd-s1") for d, ok in r["cells"][k]["distance_correct"] if 64 <= d < 256]
     assert prompts and base["kd_mid_acc"] == pytest.approx(np.mean(prompts)) and base["seeds"] == 2
     assert other["borrowed"] == {"ce": "base"} and other["ce_mid_acc"] == base["ce_mid_acc"] and base["borrowed"] == {}
+    # a third seed added later: --first_seed trains kd-s2 only, and long_range pools it with the first file's two
+    third = tmp_path / "third.json"
+    assert ablate.main(["--out", str(tmp_path / "runs"), "--results", str(third), "--flags", flags, "--window", "128",
+                        "--steps", "3", "--batch", "4", "--seeds", "1", "--first_seed", "2", "--variants", "kd",
+                        "--n", "1", "--png", ""]) == 0
+    assert set(json.loads(third.read_text())["cells"]) == {"teacher", "phase1", "kd-s2"}
+    assert long_range.main([f"pooled={results}+{third}", "--out", str(tmp_path / "lr3.json"), "--png", ""]) == 0
+    assert json.loads((tmp_path / "lr3.json").read_text())["configurations"][0]["seeds"] == 3
     try:
         import matplotlib  # noqa: F401  (optional: the figure is only drawn when it is installed)
         assert (tmp_path / "ablation.png").stat().st_size > 0

@@ -80,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--regime", choices=REGIMES, default=None, help="add one of the old defaults' flags to every phase "
                    "(its own teacher and phase 1 in OUT/shared)")
     p.add_argument("--seeds", type=int, default=1, help="extension-phase seeds per variant")
+    p.add_argument("--first_seed", type=int, default=0, help="the first of those seeds (add seeds to an earlier results "
+                   "file: long_range.py pools files joined by '+')")
     p.add_argument("--teacher", default=None, help="reuse this teacher (default: out/phase0.pt, or OUT/shared/phase0.pt "
                    "when --flags/--regime/--preset/--smoke change what the phases train; trained if missing)")
     p.add_argument("--init", default=None, help="reuse this phase-1 student (default: next to the teacher, trained if missing)")
@@ -211,7 +213,7 @@ def train_all(args, names):
             sys.exit(f"error: the shared phase {phase} failed, see {log}")
     theta1 = checkpoint.load(init)["model_config"]["rope"]["theta"]
     # seed-major: every variant has its first seed before any has its second (a cut-short run still compares)
-    queue = [(name, seed) for seed in range(args.seeds) for name in names]
+    queue = [(name, seed) for seed in range(args.first_seed, args.first_seed + args.seeds) for name in names]
     if "kd-mismatch" in names and not os.path.exists(mismatch):
         queue.insert(0, ("teacher-docmask", 0))
     running, done, rules, finished = [], [], {}, []
@@ -433,8 +435,9 @@ def main(argv=None):
         dev = resolve_device(args.device)
         names = args.variants.split(",") if args.variants else default_variants(args) if args.matrix else list(HEADLINE)
         unknown = [n for n in names if n not in VARIANTS]
-        if unknown or args.seeds < 1 or args.jobs < 1:
-            raise distill.UsageError(f"unknown variants {unknown} (choose from {list(VARIANTS)}), or --seeds/--jobs < 1")
+        if unknown or args.seeds < 1 or args.jobs < 1 or args.first_seed < 0:
+            raise distill.UsageError(f"unknown variants {unknown} (choose from {list(VARIANTS)}), or --seeds/--jobs < 1, "
+                                     "or --first_seed < 0")
         dargs = distill.parse_args(distill_args(args))
     except distill.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -529,7 +532,7 @@ def summarise(args, names, rules, cells, channel, lengths, tck, s1ck, train_min,
         "minutes": {"training": round(train_min, 1), "total": round(total_min, 1),
                     "runs_sum": round(sum(c.get("train_minutes") or 0 for c in cells.values()), 1), "jobs": args.jobs},
         "setup": {"short_len": args.short, "window": args.window, "steps": args.steps, "batch": args.batch,
-                  "seeds": args.seeds, "flags": args.flags, "lengths": lengths, "prompts_per_cell": args.n,
+                  "seeds": args.seeds, "first_seed": args.first_seed, "flags": args.flags, "lengths": lengths, "prompts_per_cell": args.n,
                   "teacher": {"window": tck["window"], "config": tck["model_config"], "lineage": tck["lineage"]},
                   "phase1": {"lineage": s1ck["lineage"], "final_loss_kd_ce": s1ck["final_loss"]},
                   "distance_buckets": [f"{lo}-{hi}" for lo, hi in buckets]},
