@@ -38,14 +38,16 @@ def test_ablate_runs_variants_and_writes_summary(tmp_path, tiny_corpus_dir, caps
     kd_only.write_text(json.dumps({**r, "cells": {k: v for k, v in r["cells"].items() if not k.startswith("ce-")}}))
     new_students = tmp_path / "new_students.json"  # other training flags: nobody's ce stands in for its own
     new_students.write_text(json.dumps({**json.loads(kd_only.read_text()), "setup": {**r["setup"], "flags": "--lr 1e-3"}}))
+    longer = tmp_path / "longer.json"  # 3x the extension steps: a budget point borrows nothing either
+    longer.write_text(json.dumps({**json.loads(kd_only.read_text()), "setup": {**r["setup"], "steps": 9}}))
     with_long = tmp_path / "with_long.json"  # a ce-long run: its students never see the packed data's design
     with_long.write_text(json.dumps({**r, "cells": {**r["cells"], "ce-long-s0": r["cells"]["ce-s0"]}}))
     design = tmp_path / "design.json"
     design.write_text(json.dumps({**json.loads(kd_only.read_text()), "setup": {**r["setup"], "flags": flags + " --snippets repeat"}}))
-    assert long_range.main([f"base={results}", f"kd-only={kd_only}", f"new={new_students}", f"long={with_long}",
-                            f"design={design}", "--out", str(tmp_path / "lr.json"), "--png", ""]) == 0
-    base, other, new, _, designed = json.loads((tmp_path / "lr.json").read_text())["configurations"]
-    assert new["borrowed"] == {} and new["ce_mid_acc"] is None
+    assert long_range.main([f"base={results}", f"kd-only={kd_only}", f"new={new_students}", f"longer={longer}",
+                            f"long={with_long}", f"design={design}", "--out", str(tmp_path / "lr.json"), "--png", ""]) == 0
+    base, other, new, budget, _, designed = json.loads((tmp_path / "lr.json").read_text())["configurations"]
+    assert new["borrowed"] == budget["borrowed"] == {} and new["ce_mid_acc"] is None and budget["ce_mid_acc"] is None
     assert designed["borrowed"] == {"ce-long": "long"} and designed["ce_mid_acc"] is None
     prompts = [ok for k in ("kd-s0", "kd-s1") for d, ok in r["cells"][k]["distance_correct"] if 64 <= d < 256]
     assert prompts and base["kd_mid_acc"] == pytest.approx(np.mean(prompts)) and base["seeds"] == 2

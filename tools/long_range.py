@@ -62,14 +62,15 @@ def acc(cells, lo, hi, short):
 
 
 def same_students(setup, other, variant):
-    """Would `variant` train the same students under both setups?  ce-long trains on real long documents,
-    so the packed data's design (--snippets) never reaches it."""
+    """Would `variant` train the same students under both setups (same flags, phase 1, steps, rows and window)?
+    ce-long trains on real long documents, so the packed data's design (--snippets) never reaches it."""
     def flags(st):
         words = st["flags"].split()
         if variant == "ce-long" and "--snippets" in words:
             del words[words.index("--snippets"):words.index("--snippets") + 2]
         return words
-    return flags(setup) == flags(other) and all(setup[k] == other[k] for k in ("short_len", "phase1"))
+    same = ("short_len", "phase1", "steps", "batch", "window")
+    return flags(setup) == flags(other) and all(setup[k] == other[k] for k in same)
 
 
 def configuration(name, paths, earlier=()):
