@@ -148,29 +148,32 @@ def plot(configs, png):
     plt = eval_retrieval.pyplot()
     if plt is None:
         return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for c in configs:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5.6))
+    for i, c in enumerate(configs):
+        color = plt.get_cmap("tab20")(i % 20)  # one color per configuration in both panels
         xs = [int(k.split("-")[0]) + BIN / 2 for k in c["kd_by_distance_fine"]]
         ys = [np.nan if v is None else v for v in c["kd_by_distance_fine"].values()]
-        ax1.plot(xs, ys, marker=".", label=f"kd: {c['name']} (reach {c['kd_reach']})")
+        ax1.plot(xs, ys, marker=".", color=color, label=f"kd: {c['name']} (reach {c['kd_reach']})")
         ch = c["channel_by_distance"]
         if ch:
             other = ch["other_keys_by_key_distance"]
             ax2.plot([int(k.split("-")[0]) for k in other], [np.nan if v["other_keys_full"] is None else v["other_keys_full"]
-                                                              for v in other.values()], marker="o", label=f"{c['name']}: p(other keys)")
+                                                              for v in other.values()], marker="o", color=color)
             kl = ch["kl_full_last_k"]
-            ax2.plot([int(k) for k in kl], list(kl.values()), ls="--", marker="x", label=f"{c['name']}: KL(full || last k)")
+            ax2.plot([int(k) for k in kl], list(kl.values()), ls="--", marker="x", color=color)
     ref = configs[0]["ref_by_distance"]
     ax1.plot([(lo + hi) / 2 for lo, hi in BUCKETS], [np.nan if v is None else v for v in ref.values()], "k:", marker="s",
              label="ce-long (upper reference)")
     ax1.axhline(0.5, color="grey", lw=0.6)
     ax1.set(xlabel="key distance (tokens)", ylabel="passkey exact match", ylim=(-0.05, 1.05),
             title="what KD retrieves, by key distance (32-token bins)")
+    ax2.plot([], [], "k-o", label="p(other documents' keys) at a packed answer, by key distance")
+    ax2.plot([], [], "k--x", label="KL(full window || last k tokens)")
     ax2.set(xlabel="key distance / context removed beyond k (tokens)", ylabel="probability / nats per token", yscale="log",
             title="what the teacher's soft targets carry, by distance")
-    ax1.legend(fontsize=7)
-    ax2.legend(fontsize=6)
-    fig.tight_layout()
+    ax2.legend(fontsize=7)
+    fig.legend(*ax1.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7)  # colors of both panels
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(png, dpi=110)
     print(f"figure -> {png}")
 
