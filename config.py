@@ -98,8 +98,10 @@ def parse_args(argv=None):
     g("--teacher_packing", choices=["cross_doc", "doc_mask"], default="cross_doc",
       help="teacher training: across its packed long documents with continuous positions (as in much LLM "
            "pretraining, and as the student's default packing queries it), or within each one (positions restart)")
-    g("--positions", choices=["continuous", "reset"], default="continuous",
-      help="position ids over a packed window: 0..T-1, or restarting at 0 in each document")
+    g("--positions", choices=["continuous", "reset", "pose"], default="continuous",
+      help="position ids over a packed window: 0..T-1, restarting at 0 in each document, or (extension phases) "
+           "PoSE: rows of the short window whose chunks skip ahead, so that they train the long window's distances")
+    g("--pose_chunks", type=int, default=2, help="chunks per row with --positions pose (each boundary adds a skip)")
     g("--data_mode", choices=["short", "long"], default="short",
       help="extension-phase data: short documents packed (the method) or long documents (the reference it avoids)")
     g("--snippets", choices=data.SNIPPETS, default="random",
@@ -164,6 +166,9 @@ def validate(args):
         need(all(0 < v < math.inf for v in _values(getattr(args, k))), f"--{k} must be a positive number, got {getattr(args, k)}")
     for k in ("mix", "passkey_frac", "copy_frac", "filler_frac", "teacher_curriculum", "curriculum"):
         need(0 <= getattr(args, k) <= 1, f"--{k} must be in [0, 1], got {getattr(args, k)}")
+    need(2 <= args.pose_chunks <= args.short_len, f"--pose_chunks must be in [2, --short_len], got {args.pose_chunks}")
+    need(args.positions != "pose" or args.data_mode == "short",
+         "--positions pose trains short rows at long positions; it has no meaning with --data_mode long")
     need(args.weight_decay >= 0 and args.warmup >= 0, "--weight_decay and --warmup must be >= 0")
     need(args.theta1 is None or args.theta1 > 1, f"--theta1 must be > 1, got {args.theta1}")
     need(args.theta1 is None or args.rope not in ("phasewise", "bound"),

@@ -390,6 +390,30 @@ def positions_from_docs(doc, mode):
     return t - torch.cummax(torch.where(start, t, torch.zeros_like(t)), dim=1).values
 
 
+def pose_positions(rng, rows, length, window, chunks=2):
+    """
+    Positional skip-wise training (PoSE, Zhu et al. 2024, arXiv 2309.10400): position ids [rows, length] that
+    let rows of `length` tokens train the relative distances of a `window`.  Each row is cut at chunks-1
+    random places; its tokens keep their order and stay consecutive inside a chunk, but each chunk boundary
+    adds a skip (non-decreasing along the row), so the ids jump.  The row's total skip G is uniform in
+    [0, window - length], so the span of a row (last id - first id = G + length - 1) is uniform over
+    [length - 1, window - 1]: every distance up to the window is trained about equally often (drawing each
+    skip uniformly above the previous one instead makes long jumps rare).  G is split between the boundaries
+    at sorted uniform points, and the row starts at a uniform offset of what is left, so every id < window.
+    """
+    if chunks < 2 or chunks > length or window < length:
+        raise ValueError(f"PoSE needs 2 <= chunks ({chunks}) <= row length ({length}) <= window ({window})")
+    out = np.empty((rows, length), dtype=np.int64)
+    for r in range(rows):
+        cuts = np.sort(rng.choice(np.arange(1, length), chunks - 1, replace=False))
+        total = int(rng.integers(0, window - length + 1))
+        skips = np.r_[np.sort(rng.integers(0, total + 1, chunks - 2)), total]  # cumulative skip after each cut
+        chunk_of = np.searchsorted(cuts, np.arange(length), side="right")  # 0 for the first chunk, ...
+        start = int(rng.integers(0, window - length - total + 1))
+        out[r] = start + np.arange(length) + np.r_[0, skips][chunk_of]
+    return torch.from_numpy(out)
+
+
 def make_batch(rows, vocab):
     """Stack packed rows into tensors: idx, targets (-1 where no target), weights, doc ids (GPT-2 -> vocab ids)."""
     tok, w, doc = (np.stack(x) for x in zip(*rows))

@@ -150,7 +150,7 @@ def init_student(args, phase, vocab, device):
 
 def setup_phase(args, phase, corpus, device, rank, world):
     """Everything one phase needs, as a namespace: models, vocabulary, data, optimizer, where to resume."""
-    s = argparse.Namespace(phase=phase, window=window_of(args, phase), teacher=None, mix=0.0)
+    s = argparse.Namespace(phase=phase, window=window_of(args, phase), teacher=None, mix=0.0, pose=False)
     s.batch = rows_of(args, phase)
     if s.batch % world:  # checked before any model is built or loaded
         raise UsageError(f"{s.batch} rows per step at window {s.window} cannot be split over {world} processes; change --batch")
@@ -161,7 +161,10 @@ def setup_phase(args, phase, corpus, device, rank, world):
         s.model, s.lineage = GPT(model_config(args, 0, len(s.vocab))).to(device), f"scratch(seed={args.seed}+1000003)"
         s.positions = {"doc_mask": "reset", "cross_doc": "continuous"}[args.teacher_packing]
     else:
-        s.steps, s.lr, s.packing, s.positions = per_phase(args.steps, phase), per_phase(args.lr, phase), args.packing, args.positions
+        s.steps, s.lr, s.packing = per_phase(args.steps, phase), per_phase(args.lr, phase), args.packing
+        # PoSE only where the window outgrows the rows: phase 1 trains its own window with plain positions
+        s.pose = args.positions == "pose" and s.window > args.short_len
+        s.positions = "continuous" if args.positions == "pose" else args.positions
         s.mix = {"kd": 1.0, "ce": 0.0, "mix": args.mix}[per_phase(args.loss, phase)]
         s.vocab = vocab_for(args, corpus)
         if uses_teacher(args, phase):
@@ -196,7 +199,8 @@ def run_phase(args, phase, corpus, device, rank, world):
     say(rank, f"phase {phase} ({'teacher' if phase == 0 else 'student'}): {s.model.num_params() / 1e6:.2f}M params, "
               f"window {s.window}, RoPE {rope.describe(s.model.cfg.rope)}, loss "
               f"{'CE' if s.mix == 0 else 'KD' if s.mix == 1 else f'{s.mix}*KD+{1 - s.mix:g}*CE'}, data "
-              f"{'long documents' if s.max_doc is None else f'documents <= {s.max_doc} tokens'} ({s.packing}, {s.positions}), "
+              f"{'long documents' if s.max_doc is None else f'documents <= {s.max_doc} tokens'} ({s.packing}, "
+              f"{f'PoSE: rows of {args.short_len} in {args.pose_chunks} chunks' if s.pose else s.positions}), "
               f"vocab {len(s.vocab)}, {s.steps} steps x {s.batch} x {s.window} tokens, init {s.lineage}")
     t0 = time.time()
     stats = train_loop(args, s, device, rank, world)
@@ -232,12 +236,11 @@ def train_loop(args, s, device, rank, world):
         for group in s.optimizer.param_groups:
             group["lr"] = lr
         s.sampler.progress = step / s.steps
-        T, n_rows = step_shape(s.sampler, s.window, s.batch)
-        rows = [data.pack(s.sampler, s.rng, T, s.max_doc) for _ in range(n_rows)]  # every rank draws the global batch
-        full = data.make_batch(rows, s.vocab)
+        full = draw_batch(args, s)  # every rank draws the global batch
+        T, n_rows = full["idx"].shape[1], len(full["idx"])
         total = float(full["weights"].sum())  # normaliser over the global batch (exact DDP == 1 process)
         b = {k: v[rank::world].to(device) for k, v in full.items()}
-        pos = data.positions_from_docs(b["doc"], s.positions)
+        pos = b["pos"]
         attn_doc = b["doc"] if s.packing == "doc_mask" else None
         with amp:
             h = train_model(b["idx"], pos, attn_doc, hidden_only=True)
@@ -275,6 +278,22 @@ def train_loop(args, s, device, rank, world):
     if log is not None:
         log.close()
     return stats
+
+
+def draw_batch(args, s):
+    """
+    One step's rows, their tensors and position ids, from the phase's random stream.  Packed: rows of the
+    window (shorter under a length curriculum), positions from the document ids.  PoSE: as many tokens in
+    rows of the short window, each with skipped positions that reach across the phase's window.
+    """
+    if s.pose:
+        T, n_rows = args.short_len, s.batch * s.window // args.short_len
+    else:
+        T, n_rows = step_shape(s.sampler, s.window, s.batch)
+    full = data.make_batch([data.pack(s.sampler, s.rng, T, s.max_doc) for _ in range(n_rows)], s.vocab)
+    full["pos"] = (data.pose_positions(s.rng, n_rows, T, s.window, args.pose_chunks) if s.pose
+                   else data.positions_from_docs(full["doc"], s.positions))
+    return full
 
 
 def open_log(path, start):

@@ -36,37 +36,44 @@ def default_lengths(window, shortest=64):
     return [shortest * 2 ** i for i in range(int(math.log2(2 * window / shortest)) + 1)]
 
 
-def eval_prompt(length, depth, key):
-    """The classic passkey prompt of exactly `length` tokens (instruction, filler, needle, question, key)."""
+def eval_prompt(length, depth, key, text=None, rng=None):
+    """
+    The classic passkey prompt of exactly `length` tokens (instruction, haystack, needle, question, key).
+    The haystack is the repeated filler, or with `text` (a data.Corpus) a passage of its held-out documents,
+    drawn with `rng`: a needle in repeated filler and one in real text can rank models differently.
+    """
     key_ids, prefix = data.key_tokens(key), data.encode(data.INSTRUCTION)
     n_hay = length - len(prefix) - data.passkey_len(key_ids)
     if n_hay < 0:
         raise data.DataError(f"passkey prompt length {length} is too short; it needs at least {length - n_hay} tokens")
-    return data.passkey_doc(key_ids, data.filler_haystack(n_hay), depth, prefix)
+    hay = data.filler_haystack(n_hay) if text is None else text.snippet(rng, n_hay, "val").tolist()
+    return data.passkey_doc(key_ids, hay, depth, prefix)
 
 
-def _prompts(length, depths, n, seed, digits):
+def _prompts(length, depths, n, seed, digits, text=None):
     """n prompts per depth, identical for every model: (tokens, answer_start, needle_key_start, depth)."""
-    rng = np.random.default_rng([seed, length])
+    rng, hay_rng = np.random.default_rng([seed, length]), np.random.default_rng([seed, length, 1])  # same keys in either haystack
     out = []
     for depth in depths:
         for _ in range(n):
-            tokens, answer, needle = eval_prompt(length, depth, data.random_key(rng, digits))
+            tokens, answer, needle = eval_prompt(length, depth, data.random_key(rng, digits), text, hay_rng)
             out.append((tokens, answer, needle, depth))
     return out
 
 
 @torch.no_grad()
-def passkey(model, vocab, lengths, depths=DEPTHS, n=10, seed=1234, digits=4, greedy=False, batch_tokens=16384, device="cpu"):
+def passkey(model, vocab, lengths, depths=DEPTHS, n=10, seed=1234, digits=4, greedy=False, batch_tokens=16384, device="cpu",
+            text=None):
     """
-    Records {length, depth, distance, correct[, greedy]} for every prompt.  The model returns hidden
+    Records {length, depth, distance, correct[, greedy]} for every prompt (haystack: the filler, or the held-out
+    documents of the corpus `text`).  The model returns hidden
     states and only the positions that predict the answer go through the output head, so memory
     never holds [rows, T, V] logits; everything stays on `device` until the records are written.
     """
     model.eval()
     records, correct = [], []
     for length in lengths:
-        prompts = _prompts(length, depths, n, seed, digits)
+        prompts = _prompts(length, depths, n, seed, digits, text)
         rows = max(1, batch_tokens // length)
         for i in range(0, len(prompts), rows):
             chunk = prompts[i:i + rows]
@@ -195,8 +202,14 @@ def main(argv=None):
     p.add_argument("--greedy", action="store_true", help="also score greedy decoding of the answer")
     p.add_argument("--json", type=str, default=None, help="write all records here")
     p.add_argument("--png", type=str, default=None, help="write a heatmap here (needs matplotlib)")
+    p.add_argument("--haystack", choices=["filler", "text"], default="filler",
+                   help="hide the needle in the repeated filler, or in held-out documents of --data")
+    p.add_argument("--data", default=None, help="the corpus of --haystack text (default: Shakespeare, as distill.py)")
     p.add_argument("--device", type=str, default="cpu")
     args = p.parse_args(argv)
+    for flag, path in (("--json", args.json), ("--png", args.png)):  # before any prompt is evaluated
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            sys.exit(_fail(f"{flag} {path}: its folder does not exist"))
     try:
         depths = [float(x) for x in args.depths.split(",")]
         if not all(0 <= d <= 1 for d in depths) or args.n < 1:
@@ -213,11 +226,13 @@ def main(argv=None):
     digits = loaded[0][2]["key_digits"]
     try:
         lengths = parse_lengths(args.lengths) if args.lengths else default_lengths(max(windows))
-        results = [passkey(m, v, lengths, depths, args.n, args.seed, digits, args.greedy, device=args.device) for m, v, _ in loaded]
+        text = data.load_corpus(args.data) if args.haystack == "text" else None
+        results = [passkey(m, v, lengths, depths, args.n, args.seed, digits, args.greedy, device=args.device, text=text)
+                   for m, v, _ in loaded]
     except (ValueError, data.DataError) as e:
         sys.exit(_fail(str(e)))
     names = [os.path.relpath(p) for p in args.ckpts]
-    print(f"passkey retrieval, teacher-forced exact match ({args.n} prompts per cell)")
+    print(f"passkey retrieval, teacher-forced exact match ({args.n} prompts per cell, haystack: {args.haystack})")
     print(format_table(names, results, lengths, depths))
     short = min(ck["short_len"] for _, _, ck in loaded)
     buckets = distance_buckets(short, max(lengths))

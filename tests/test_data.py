@@ -300,3 +300,36 @@ def test_student_recipe_flags_reach_the_sampler(tiny_corpus, monkeypatch, mode):
         sampler(rng, 64)
     assert abs(calls["filler_haystack"] / 1000 - 0.5) < 0.05  # every passkey document in the eval's format
     assert abs(calls["copy_doc"] / 1000 - 0.3) < 0.05
+
+
+def test_pose_positions_increase_stay_below_the_window_and_jump_only_at_chunk_boundaries():
+    rng = np.random.default_rng(0)
+    for chunks in (2, 3, 5):
+        pos = data.pose_positions(rng, 200, 64, 512, chunks).numpy()
+        assert pos.shape == (200, 64) and pos.min() >= 0 and pos.max() <= 511
+        steps = np.diff(pos, axis=1)
+        assert (steps >= 1).all()  # strictly increasing: order kept, nothing shares a position
+        jumps = (steps > 1).sum(1)
+        assert (jumps <= chunks - 1).all() and jumps.max() == chunks - 1  # inside a chunk the ids are consecutive
+    with pytest.raises(ValueError, match="PoSE needs"):
+        data.pose_positions(rng, 1, 64, 32, 2)
+
+
+def test_pose_trains_every_distance_up_to_the_window_about_equally_often():
+    """The histogram of relative distances between a row's first and later chunks: flat over the window,
+    where drawing each skip uniformly above the previous one (u1 ~ U[0, F], u2 ~ U[u1, F]) is not."""
+    L, W, rows = 64, 512, 4000
+    pos = data.pose_positions(np.random.default_rng(1), rows, L, W, 2).numpy()
+    span = pos[:, -1] - pos[:, 0]  # the longest distance each row trains
+    hist = np.histogram(span, bins=np.arange(L, W + 1, L))[0]
+    assert hist.min() > 0.75 * hist.mean() and hist.max() < 1.25 * hist.mean()  # 7 bins of 64 tokens, about equal
+    rng = np.random.default_rng(1)
+    u1 = rng.integers(0, W - L + 1, rows)
+    naive = np.histogram(rng.integers(u1, W - L + 1) - u1 + L - 1, bins=np.arange(L, W + 1, L))[0]
+    assert naive[-1] < 0.3 * naive[0]  # the naive sampler's long jumps are rare: the test can tell them apart
+    # every (query, earlier key) pair of a row, pooled: beyond the row's own length the 64-token bins are about
+    # equal, but for the last, which only the longest skips reach (a ramp down to the window's edge)
+    i, j = np.tril_indices(L, -1)
+    pooled = np.histogram(pos[:500, i] - pos[:500, j], bins=np.arange(0, W + 1, L))[0][1:]
+    mid = pooled[:-1]
+    assert mid.min() > 0.75 * mid.mean() and mid.max() < 1.25 * mid.mean() and pooled[-1] > 0.4 * mid.mean()

@@ -25,6 +25,25 @@ def test_eval_prompt_has_the_key_exactly_at_the_requested_depth(length, depth):
     assert data.EOT not in tokens[1:].tolist()
 
 
+def test_text_haystack_hides_the_same_needle_in_held_out_text(tiny_corpus):
+    """--haystack text: the prompts keep their length, key, depth and answer, but the haystack is a passage of a
+    held-out document (never training text, never the filler), and every model gets the very same prompts."""
+    filler = eval_retrieval._prompts(300, (0.0, 0.5, 1.0), 2, 7, 4)
+    text = eval_retrieval._prompts(300, (0.0, 0.5, 1.0), 2, 7, 4, tiny_corpus)
+    assert [(len(a[0]), a[1:]) for a in filler] == [(len(b[0]), b[1:]) for b in text]  # same shape and key positions
+    val = set(tiny_corpus.splits["val"].tokens.tolist())
+    train_only = set(tiny_corpus.splits["train"].tokens.tolist()) - val
+    for (f, *_), (t, answer, needle, _) in zip(filler, text):
+        assert t[answer:].tolist() == f[answer:].tolist()
+        start = needle - len(data.encode(" The pass key is"))
+        end = start + len(data.needle_tokens(t[answer:].tolist()))
+        hay = t[1 + len(data.encode(data.INSTRUCTION)):start].tolist() + t[end:answer - len(data.encode(data.QUESTION))].tolist()
+        assert len(hay) == 300 - len(data.encode(data.INSTRUCTION)) - data.passkey_len(t[answer:].tolist())
+        assert hay and not set(hay) & train_only and not set(hay) <= set(data.encode(data.FILLER))
+    again = eval_retrieval._prompts(300, (0.0, 0.5, 1.0), 2, 7, 4, tiny_corpus)
+    assert all((a[0] == b[0]).all() for a, b in zip(text, again))
+
+
 def test_eval_prompt_too_short_is_a_clear_error():
     with pytest.raises(data.DataError, match="too short"):
         eval_retrieval.eval_prompt(20, 0.5, 12345)

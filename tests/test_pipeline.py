@@ -1,7 +1,9 @@
 """A tiny end-to-end run of phases 0 -> 2 (seconds), its checkpoints reloaded and evaluated."""
+import argparse
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,3 +100,38 @@ def test_teacher_packing_switches_the_teachers_attention(tmp_path, tiny_corpus_d
     printed = capsys.readouterr().out
     assert "(doc_mask, reset)" in printed and "(cross_doc, continuous)" in printed
     assert losses["doc_mask"][0] != losses["cross_doc"][0]
+
+
+def test_pose_off_draws_todays_packed_batch_bit_for_bit(tiny_corpus):
+    """Without --positions pose a step's batch is the packer's rows and positions, and no extra random draw."""
+    import data
+    args = distill.parse_args(["--phase", "2", *TINY])
+    s = argparse.Namespace(pose=False, positions="continuous", window=96, batch=2, max_doc=48,
+                           vocab=data.Vocab.compact(tiny_corpus, 3, 1200), rng=np.random.default_rng(5))
+    s.sampler, _ = distill.sampler_for(args, tiny_corpus, 2)
+    got = distill.draw_batch(args, s)
+    rng = np.random.default_rng(5)
+    want = data.make_batch([data.pack(s.sampler, rng, 96, 48) for _ in range(2)], s.vocab)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert torch.equal(got["pos"], torch.arange(96).expand(2, 96))
+    assert s.rng.bit_generator.state == rng.bit_generator.state  # the stream goes on exactly as before
+
+
+def test_pose_rows_are_short_and_the_teacher_sees_the_students_positions(run, tiny_corpus_dir, tmp_path, monkeypatch):
+    """An extension phase with --positions pose: rows of the short window, the same tokens per step, ids that
+    jump across the long window -- and the teacher's forward gets the very position ids the student's got."""
+    import model
+    seen, forward = [], model.GPT.forward
+    def spy(self, idx, pos, *a, **k):
+        seen.append((self.cfg.n_embd, tuple(idx.shape), pos.clone()))
+        return forward(self, idx, pos, *a, **k)
+    monkeypatch.setattr(model.GPT, "forward", spy)
+    out = str(tmp_path / "pose")
+    assert distill.main(["--phase", "2", "--out", out, "--data", tiny_corpus_dir, "--teacher", os.path.join(run, "phase0.pt"),
+                         "--init", os.path.join(run, "phase1.pt"), "--positions", "pose", "--pose_chunks", "3", *TINY]) == 0
+    train = [x for x in seen if x[1][1] == 48][:6]  # 3 steps x (student, teacher); the eval's prompts come after
+    assert [x[0] for x in train] == [16, 32] * 3  # student (width 16), then teacher (width 32), each step
+    for (_, shape_s, pos_s), (_, shape_t, pos_t) in zip(train[::2], train[1::2]):
+        assert shape_s == shape_t == (4, 48) and torch.equal(pos_s, pos_t)  # 2 rows of 96 -> 4 rows of 48
+        assert pos_s.max() < 96 and (pos_s.diff(dim=1) >= 1).all() and (pos_s.diff(dim=1) > 1).any()

@@ -56,6 +56,9 @@ VARIANTS = {
     "kd-docmask":   ["--packing", "doc_mask"],                 # attention only within each document
     "ce-docmask":   ["--loss", "ce", "--packing", "doc_mask"],
     "kd-mismatch":  [],                                        # KD from --mismatch_teacher (document-masked)
+    # positional skip-wise training (PoSE): rows of the short window whose positions skip across the long one
+    "pose-kd":      ["--positions", "pose"],
+    "pose-ce":      ["--loss", "ce", "--positions", "pose"],
     # upper reference: long documents (what the method avoids), grown by a curriculum like the teacher's
     "ce-long":      ["--loss", "ce", "--data_mode", "long", "--curriculum", "0.6"],
 }
@@ -372,9 +375,14 @@ def channel_by_design(args):
 
 
 def evaluate(model, vocab, corpus, lengths, args, digits, device):
+    """Passkey records in the filler and in held-out text, text loss by quarter of the long window, and the
+    short-context price: held-out text loss over windows of the short length (the predecessor's second column)."""
     recs = eval_retrieval.passkey(model, vocab, lengths, n=args.n, digits=digits, device=device)
-    loss = eval_retrieval.text_loss_by_position(model, vocab, corpus, args.window, n_windows=4 if args.smoke else 16, device=device)
-    return {"records": recs, "text_loss_by_quarter": loss}
+    text_recs = eval_retrieval.passkey(model, vocab, lengths, n=args.n, digits=digits, device=device, text=corpus)
+    n_windows = 4 if args.smoke else 16
+    loss = eval_retrieval.text_loss_by_position(model, vocab, corpus, args.window, n_windows=n_windows, device=device)
+    short = eval_retrieval.text_loss_by_position(model, vocab, corpus, args.short, n_windows=8 * n_windows, device=device)
+    return {"records": recs, "text_records": text_recs, "text_loss_by_quarter": loss, "short_text_loss": float(np.mean(short))}
 
 
 def resolve_device(name):
@@ -491,8 +499,15 @@ def summarise(args, names, rules, cells, channel, lengths, tck, s1ck, train_min,
     buckets = buckets_for(args)
     table = {}
     for key, cell in cells.items():
+        text_recs = cell["text_records"]
         table[key] = {"by_distance": eval_retrieval.by_distance(cell["records"], buckets),
                       "by_distance_fine": eval_retrieval.by_distance(cell["records"], fine_bins(args)),
+                      # the same prompts' keys with held-out text as the haystack instead of the filler
+                      "text_by_distance": eval_retrieval.by_distance(text_recs, buckets),
+                      "text_by_distance_fine": eval_retrieval.by_distance(text_recs, fine_bins(args)),
+                      "text_distance_correct": [[r["distance"], int(r["correct"])] for r in text_recs],
+                      "short_text_loss": cell["short_text_loss"],
+                      "short_passkey_acc": eval_retrieval.accuracy(cell["records"], length=args.short),
                       "long_acc": long_acc(cell["records"], args), "mid_acc": mid_acc(cell["records"], args),
                       "by_length": {L: eval_retrieval.accuracy(cell["records"], length=L) for L in lengths},
                       "text_loss_by_quarter": cell["text_loss_by_quarter"],
