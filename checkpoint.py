@@ -87,20 +87,25 @@ def load_teacher(path, key_digits, device="cpu"):
     return teacher, vocab, ck["window"]
 
 
-def load_student(path, cfg, vocab, short_len, key_digits, window, device="cpu"):
-    """The previous phase's student, checked against this phase (shape, vocabulary, windows), with cfg's RoPE."""
-    ck = load(path)
+def check_student(ck, path, shape, short_len, key_digits):
+    """A student checkpoint that the requested student phase can start from: (layers, heads, width), windows, keys."""
     prev = GPTConfig(**ck["model_config"])
     if ck.get("phase", 0) < 1:
         raise CheckpointError(f"{path} is the teacher; a student phase must start from a student checkpoint (no cloning)")
-    if (prev.n_layer, prev.n_head, prev.n_embd) != (cfg.n_layer, cfg.n_head, cfg.n_embd):
+    if (prev.n_layer, prev.n_head, prev.n_embd) != tuple(shape):
         raise CheckpointError(f"{path} has a {prev.n_layer}x{prev.n_head}x{prev.n_embd} student, "
-                              f"not the requested {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd} (--student_*)")
-    if Vocab.from_state(ck["vocab"]) != vocab:
-        raise CheckpointError(f"{path} uses another vocabulary than the teacher; retrain it with this teacher")
+                              f"not the requested {'x'.join(map(str, shape))} (--student_*)")
     if ck["short_len"] != short_len or ck["key_digits"] != key_digits:
         raise CheckpointError(f"{path} was trained with --short_len {ck['short_len']} --key_digits {ck['key_digits']}; "
                               f"pass the same values to continue from it")
+
+
+def load_student(path, cfg, vocab, short_len, key_digits, window, device="cpu"):
+    """The previous phase's student, checked against this phase (shape, vocabulary, windows), with cfg's RoPE."""
+    ck = load(path)
+    check_student(ck, path, (cfg.n_layer, cfg.n_head, cfg.n_embd), short_len, key_digits)
+    if Vocab.from_state(ck["vocab"]) != vocab:
+        raise CheckpointError(f"{path} uses another vocabulary than the teacher; retrain it with this teacher")
     if ck["window"] >= window:
         raise CheckpointError(f"{path} was trained at window {ck['window']} >= this phase's window {window}")
     model = build_model(ck, device)

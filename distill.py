@@ -338,7 +338,6 @@ def main(argv=None):
         if os.path.exists(target) and not args.force:
             say(rank, f"phase {args.phase} is already finished: {target} (use --force to retrain it, or --out for a new run)")
             return 0
-        os.makedirs(args.out, exist_ok=True)
         for phase in phases_to_train(args):
             if phase != args.phase:
                 say(rank, f"phase {phase} checkpoint {ckpt_path(args, phase)} not found: training phase {phase} first")
@@ -361,17 +360,18 @@ def preflight(args):
     if args.init and args.phase < 2:
         raise UsageError(f"--init starts an extension phase (2, 3, ...) from a student checkpoint; phase {args.phase} starts from scratch")
     for flag, path, check in (("--teacher", args.teacher, lambda p: checkpoint.load_teacher(p, args.key_digits)),
-                              ("--init", args.init, student_checkpoint)):
+                              ("--init", args.init, lambda p: checkpoint.check_student(
+                                  checkpoint.load(p), p, (args.student_layers, args.student_heads, args.student_embd),
+                                  args.short_len, args.key_digits))):
         try:
             if path:
                 check(path)
         except checkpoint.CheckpointError as e:
             raise checkpoint.CheckpointError(f"{flag}: {e}") from None
-
-
-def student_checkpoint(path):
-    if checkpoint.load(path).get("phase", 0) < 1:
-        raise checkpoint.CheckpointError(f"{path} is the teacher; a student phase must start from a student checkpoint (no cloning)")
+    try:  # last: a bad command line leaves no new folder behind
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {args.out} cannot be created ({e.strerror})") from None
 
 
 def phases_to_train(args):

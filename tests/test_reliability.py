@@ -221,3 +221,24 @@ def test_eval_names_the_flag_of_bad_lengths(teacher_run):
     r = subprocess.run([PY, "eval_retrieval.py", os.path.join(teacher_run, "phase0.pt"), "--lengths", "abc"],
                        cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--lengths" in r.stderr
+
+
+def test_more_bad_inputs_fail_in_one_line_before_any_work(teacher_run, tiny_corpus_dir, tmp_path, capsys):
+    """An --out that cannot be created; an --init of another student shape, with no teacher trained yet (the error
+    must not wait for it); ablate --seeds 0; an eval whose --png folder does not exist (before any prompt runs)."""
+    fresh = str(tmp_path / "fresh")
+    init = os.path.join(teacher_run, "phase1.pt")
+    for argv, words in ((["--phase", "1", "--out", "/proc/no/such/dir", "--data", tiny_corpus_dir, *TINY], "--out"),
+                        (["--phase", "2", "--out", fresh, "--data", tiny_corpus_dir, *TINY, "--init", init,
+                          "--student_embd", "32"], "--init")):
+        assert distill.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {words}") and err.count("\n") == 0, err
+    assert not os.path.exists(fresh)  # refused before the missing teacher would have trained
+    import ablate
+    assert ablate.main(["--seeds", "0", "--out", str(tmp_path / "abl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --seeds must be >= 1, got 0" and not os.path.exists(tmp_path / "abl")
+    r = subprocess.run([PY, "eval_retrieval.py", os.path.join(teacher_run, "phase0.pt"), "--png", "/nonexistent/dir/x.png"],
+                       cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--png" in r.stderr and "passkey" not in r.stdout

@@ -443,9 +443,12 @@ def main(argv=None):
         dev = resolve_device(args.device)
         names = args.variants.split(",") if args.variants else default_variants(args) if args.matrix else list(HEADLINE)
         unknown = [n for n in names if n not in VARIANTS]
-        if unknown or args.seeds < 1 or args.jobs < 1 or args.first_seed < 0:
-            raise distill.UsageError(f"unknown variants {unknown} (choose from {list(VARIANTS)}), or --seeds/--jobs < 1, "
-                                     "or --first_seed < 0")
+        if unknown:
+            raise distill.UsageError(f"unknown variants {unknown} (choose from {list(VARIANTS)})")
+        for flag, value, least in (("--seeds", args.seeds, 1), ("--jobs", args.jobs, 1), ("--first_seed", args.first_seed, 0),
+                                   ("--n", args.n, 1)):
+            if value < least:
+                raise distill.UsageError(f"{flag} must be >= {least}, got {value}")
         dargs = distill.parse_args(distill_args(args))
     except distill.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
