@@ -311,6 +311,7 @@ def record(args, s, model):
     """Everything a later phase, the eval or tools/analyze.py needs to rebuild and check this model."""
     return {"phase": s.phase, "model": model.state_dict(), "model_config": model.cfg.as_dict(), "vocab": s.vocab.state(),
             "window": s.window, "short_len": args.short_len, "key_digits": args.key_digits, "lineage": s.lineage,
+            "machine": eval_retrieval.machine(),
             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
 
 
@@ -322,6 +323,7 @@ def end_of_phase_eval(args, s, corpus, device, elapsed, stats):
     print(eval_retrieval.format_table([f"phase{s.phase}"], [records], lengths, eval_retrieval.DEPTHS))
     print(f"held-out text loss by quarter of the {s.window}-token window: " + " ".join(f"{x:.3f}" for x in text))
     summary = {"phase": s.phase, "window": s.window, "train_time_s": round(elapsed, 1), "final_loss": stats.tolist(),
+               "machine": eval_retrieval.machine(), "prompts_per_cell": args.eval_n,
                "passkey_by_length": {L: eval_retrieval.accuracy(records, length=L) for L in lengths},
                "text_loss_by_quarter": text, "records": records}
     with open(os.path.join(args.out, f"phase{s.phase}.eval.json"), "w") as fh:

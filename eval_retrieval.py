@@ -159,6 +159,20 @@ def text_loss_by_position(model, vocab, corpus, window, n_windows=16, buckets=4,
     return [float(c.mean()) for c in nll.chunk(buckets, dim=1)]
 
 
+def machine():
+    """What a number was measured on: CPU model, cores, torch threads and version (results differ in the last
+    floating-point bits across machines and thread counts, and trained models with them)."""
+    cpu = None
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), None)
+    except OSError:
+        pass
+    import platform
+    return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": str(torch.__version__)}
+
+
 def pyplot():
     """matplotlib.pyplot (file output only), or None with a hint: figures are optional everywhere."""
     try:
@@ -245,9 +259,16 @@ def main(argv=None):
         for name, recs in zip(names, results):
             print(f"{name}: greedy decoding accuracy {accuracy(recs, 'greedy'):.2f}")
     if args.json:
+        # the table as printed, each model's own training record (wall time, threads, machine) and every prompt
+        models = {n: {"window": w, "acc_by_distance": by_distance(r, buckets), "acc_by_length":
+                      {L: accuracy(r, length=L) for L in lengths}, "train_time_s": ck.get("train_time_s"),
+                      "trained_on": ck.get("machine"), "seed": ck.get("args", {}).get("seed"), "records": r}
+                  for n, w, r, (_, _, ck) in zip(names, windows, results, loaded)}
         with open(args.json, "w") as fh:
-            json.dump({"lengths": lengths, "depths": depths, "n": args.n, "seed": args.seed,
-                       "models": {n: {"window": w, "records": r} for n, w, r in zip(names, windows, results)}}, fh)
+            json.dump({"command": "python eval_retrieval.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                       "lengths": lengths, "depths": depths, "n": args.n, "seed": args.seed, "haystack": args.haystack,
+                       "prompts_per_cell": args.n, "distance_buckets": [f"{lo}-{hi}" for lo, hi in buckets],
+                       "evaluated_on": machine(), "models": models}, fh, indent=1)
         print(f"records -> {args.json}")
     if args.png:
         save_heatmap(args.png, names, results, lengths, depths)

@@ -159,10 +159,11 @@ def test_smoke_runs_the_cpu_ablation_path(tmp_path, capsys):
     """--smoke: the cpu preset's real path (both teachers, phase 1, the variants, evaluation, summary) with tiny models."""
     results = tmp_path / "ablation.json"
     code = ablate.main(["--smoke", "--preset", "cpu", "--out", str(tmp_path / "runs"), "--results", str(results),
-                        "--png", "", "--variants", "kd,ce,kd-fixed,kd-mismatch,ce-long"])
+                        "--png", "", "--variants", "kd,ce,kd-fixed,kd-mismatch,ce-long,pose-kd,pose-ce"])
     assert code == 0
     r = json.loads(results.read_text())
-    assert set(r["cells"]) == {"teacher", "phase1", "kd-s0", "ce-s0", "kd-fixed-s0", "kd-mismatch-s0", "ce-long-s0"}
+    assert set(r["cells"]) == {"teacher", "phase1", "kd-s0", "ce-s0", "kd-fixed-s0", "kd-mismatch-s0", "ce-long-s0",
+                               "pose-kd-s0", "pose-ce-s0"}
     assert (tmp_path / "runs" / "shared_docmask" / "phase0.pt").exists()  # kd-mismatch's own, document-masked teacher
     s = r["summary"]
     assert s["seeds"] == 1 and (s["long_distance_from"], s["long_distance_to"]) == (256, 512) and s["rope"] == "bound"
@@ -175,6 +176,20 @@ def test_smoke_runs_the_cpu_ablation_path(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "upper reference: CE on long documents (ce-long)" in out and "KD on short packed documents" in out
     assert "CE on short packed documents" in out
+    # the roads summary of that file: both haystacks, the short-context price, and the cost of each road
+    import roads
+    assert roads.main([str(results), "--out", str(tmp_path / "roads.json")]) == 0
+    s = {x["name"]: x for x in json.loads((tmp_path / "roads.json").read_text())["roads"]}
+    assert list(s) == ["teacher", "phase1", "ce-long", "kd", "ce", "pose-kd", "pose-ce"]
+    for x in s.values():
+        assert set(x["acc_by_distance"]) == set(x["text_acc_by_distance"]) == {"0-64", "64-128", "128-256", "256-512"}
+        assert all(r[0] <= x["acc_by_distance"][k] <= r[1] for k, r in x["acc_range"].items() if r)
+        assert x["short_text_loss"] > 0 and 0 <= x["short_passkey_acc"] <= 1
+    assert s["kd"]["tokens"] == s["pose-kd"]["tokens"] == s["ce"]["tokens"] == 2 * 512  # smoke: 2 steps of one 512-token row
+    # rows of 64 instead of 512: an eighth of the attention, the teacher's forward included; KD adds the teacher's
+    assert s["pose-kd"]["attention_gflop_per_step"] * 8 == pytest.approx(s["kd"]["attention_gflop_per_step"])
+    assert s["pose-ce"]["attention_gflop_per_step"] * 8 == pytest.approx(s["ce"]["attention_gflop_per_step"])
+    assert s["kd"]["attention_gflop_per_step"] > s["ce"]["attention_gflop_per_step"]
 
 
 def test_a_run_cut_short_continues_on_the_next_invocation(tmp_path, monkeypatch):

@@ -435,7 +435,7 @@ def cmd_perturb(args):
                 line += "  |" + "".join(fmt(x["kl"], 9) for x in r["control"])
             print(line)
     if args.json:
-        write_json(args.json, {"command": "perturb", "settings": {**{k: v for k, v in kw.items()}, "window": window,
+        write_json(args.json, {"command": "python tools/analyze.py " + " ".join(sys.argv[1:]), "settings": {**{k: v for k, v in kw.items()}, "window": window,
                                                                  "period": args.period, "samples": args.samples},
                                "models": results})
     if args.png:
@@ -484,7 +484,7 @@ def cmd_updates(args):
           + ", ".join(f"b{j} {x:.3g}" for j, x in enumerate(q_band) if j != top))
     if args.json:
         write_json(args.json, {
-            "command": "updates", "before": args.before, "after": args.after, "length": length, "samples": args.samples,
+            "command": "python tools/analyze.py " + " ".join(sys.argv[1:]), "before": args.before, "after": args.after, "length": length, "samples": args.samples,
             "rope_before": c0["model_config"]["rope"], "rope_after": c1["model_config"]["rope"],
             "window_before": c0.get("window"), "window_after": c1.get("window"),
             "wavelength_before": wl0, "wavelength_after": wl1, "bands": band_list,

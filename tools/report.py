@@ -1,0 +1,286 @@
+"""
+Every results table of the docs, rendered from the file it reports, so that no number is typed by hand.
+
+    python tools/report.py           # rewrite every table between its markers
+    python tools/report.py --check   # name the tables that differ from their files, exit 1 (tests/test_docs.py)
+
+In a Markdown file a table stands between `<!-- table: NAME -->` and `<!-- /table -->`, NAME a key of TABLES
+(a function of no arguments that returns the Markdown).  A results folder's README holds, between
+`<!-- commands -->` and `<!-- /commands -->`, the stored `command` of every JSON file in that folder: its
+commands of record, exactly as the file holds them.  Accuracies are passkey exact match, "mean (min-max)"
+over the seeds of a variant (one number where the seeds agree); key-distance ranges are absolute tokens.
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import ablate  # noqa: E402
+import long_range  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ["README.md", "tools/README.md", "results/README.md", *sorted(glob.glob("results/*/README.md", root_dir=ROOT))]
+BUCKETS = ("0-64", "64-128", "128-256", "256-512")
+
+
+def load(path, _cache={}):
+    if path not in _cache:
+        with open(os.path.join(ROOT, path)) as fh:
+            _cache[path] = json.load(fh)
+    return _cache[path]
+
+
+def f2(x):
+    return "-" if x is None else f"{x:.2f}"
+
+
+def per_seed(path, variant, rng):
+    """One accuracy per seed of `variant` in an ablate results file, over key distances rng = 'lo-hi'."""
+    r = load(path)
+    lo, hi = map(int, rng.split("-"))
+    out = []
+    for cell in ablate.seed_cells(r["cells"], variant):
+        if "distance_correct" in cell:
+            out.append(long_range.pooled([cell], lo, hi))
+        else:  # files from before every prompt was kept: only the ranges their own buckets cover
+            out.append(long_range.legacy(cell, lo, hi, r["setup"]["short_len"]))
+    return out
+
+
+def acc(path, variant, *ranges, bold=()):
+    """'a / b / c': the seed spread of `variant` over each key-distance range; ranges in `bold` in bold."""
+    parts = []
+    for rng in ranges:
+        s = ablate.spread(per_seed(path, variant, rng))
+        parts.append(re.sub(r"^([-0-9.]+)", r"**\1**", s) if rng in bold else s)
+    return " / ".join(parts)
+
+
+def seeds(path, variant):
+    return len(ablate.seed_cells(load(path)["cells"], variant))
+
+
+def markdown(header, rows):
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+# ---- README -----------------------------------------------------------------------------------
+
+def quickstart():
+    """The Quickstart's side-by-side eval (eval_retrieval.py --json), its prompts, machine and wall times."""
+    r = load("results/default_run/quickstart.json")
+    b = r["distance_buckets"]
+    lines = [f"{'model':<24}" + "".join(f"{x:>12}" for x in b)]
+    for name, m in r["models"].items():
+        lines.append(f"{name:<24}" + "".join(f"{f2(m['acc_by_distance'][x]):>12}" for x in b))
+    t = {n: m["train_time_s"] / 60 for n, m in r["models"].items()}
+    on = next(iter(r["models"].values()))["trained_on"]
+    names = list(t)
+    return ("```\n" + "\n".join(lines) + "\n```\n\n" +
+            f"{r['n']} prompts per (length, depth) cell. Wall times of the training phases on {on['cores']} cores of an "
+            f"{on['cpu']} ({on['threads']} threads, torch {on['torch']}): teacher {t[names[0]]:.1f} min, phase 1 "
+            f"{t[names[1]]:.1f} min (the first command: {t[names[0]] + t[names[1]]:.1f} min of training), phase 2 "
+            f"{t[names[2]]:.1f} min.")
+
+
+def lesson():
+    path = "results/ablation.json"
+    sm = load(path)["summary"]
+    rows = [(f"lower reference: phase 1 alone ({f2(sm['phase1_window_acc'])} inside its 64-token window)", "phase1"),
+            ("upper reference: CE on real long documents (`ce-long`)", "ce-long"),
+            ("**KD on short packed documents** (`kd`, the method)", "kd"),
+            ("CE on the same short packed documents (`ce`)", "ce")]
+    return markdown(["model", "inside a document (0-64)", "one to four documents back (64-256)", "256-512"],
+                    [[label, *acc(path, v, "0-64", "64-256", "256-512", bold=("64-256", "256-512") if v in ("kd", "ce-long")
+                                  else ()).split(" / ")] for label, v in rows])
+
+
+def roads():
+    """The roads from short data to the long window (tools/roads.py -> results/roads/summary.json)."""
+    r = load("results/roads/summary.json")
+    rows = []
+    for road in r["roads"]:
+        def cell(key, rng):
+            mean, (lo, hi) = road[key][rng], road[f"{key.replace('acc_by_distance', 'acc_range')}"][rng]
+            return "-" if mean is None else f"{mean:.2f}" if hi - lo < 0.005 else f"{mean:.2f} ({lo:.2f}-{hi:.2f})"
+        rows.append([road["label"], str(road["seeds"]),
+                     " / ".join(cell("acc_by_distance", b) for b in BUCKETS),
+                     " / ".join(cell("text_acc_by_distance", b) for b in BUCKETS),
+                     str(road["reach"]), f2(road["short_text_loss"]), f2(road["short_passkey_acc"]),
+                     f"{road['tokens'] / 1e6:.1f} M", f"{road['attention_gflop_per_step']:.1f}",
+                     "-" if road["wall_min"] is None else f"{road['wall_min']:.1f}"])
+    return markdown(["road", "seeds", "filler haystack: 0-64 / 64-128 / 128-256 / 256-512",
+                     "held-out text haystack: the same", "reach (filler)", "short text loss", "passkey at 64",
+                     "tokens trained", "attention GFLOP / step", "minutes per run"], rows)
+
+
+# ---- results/<question>/README ------------------------------------------------------------------
+
+def headline():
+    h = "results/headline/"
+    rows = [("phase-wise within the bound (`--rope bound`, today's default): 168 → 3,444", "[`../ablation.json`](../ablation.json)",
+             "results/ablation.json"),
+            ("fixed (`--rope fixed --theta1 1e4`)", "`fixed_base.json`", h + "fixed_base.json"),
+            ("the paper's phase-wise reading (`--rope phasewise`): 11 → 94", "`phasewise_paper_reading.json`",
+             h + "phasewise_paper_reading.json")]
+    return markdown(["RoPE base, phase 1 → extension", "file", "seeds", "`ce-long` (upper reference) at 256-512",
+                     "`kd` / `ce` at 256-512", "`kd` / `ce` at 64-256"],
+                    [[label, link, str(seeds(p, "kd")), acc(p, "ce-long", "256-512", bold=("256-512",)),
+                      acc(p, "kd", "256-512", bold=("256-512",)) + " / " + acc(p, "ce", "256-512"),
+                      acc(p, "kd", "64-256", bold=("64-256",)) + " / " + acc(p, "ce", "64-256")] for label, link, p in rows])
+
+
+def rope_rules():
+    rows = [("fixed: 1e4 kept", "kd", "results/headline/fixed_base.json", "`../headline/fixed_base.json`"),
+            ("bound: the smallest base meeting the RoPE-base bound per window, 168 → 3,444", "kd", "results/ablation.json",
+             "`../ablation.json`"),
+            ("YaRN: 1e4 stretched 8x for the 512 window (`kd-yarn`)", "kd-yarn", "results/rope_rules/kd_yarn.json",
+             "`kd_yarn.json` / `.png`"),
+            ("the paper's phase-wise reading, 11 → 94 (below the bound)", "kd", "results/headline/phasewise_paper_reading.json",
+             "`../headline/phasewise_paper_reading.json`")]
+    out = []
+    for label, kd, p, link in rows:
+        ref = acc(p, "ce-long", "64-256", "256-512", bold=("256-512",)) if seeds(p, "ce-long") else "-"
+        out.append([label, acc(p, kd, "64-256", "256-512"), ref, f"{link} ({seeds(p, kd)} seeds)"])
+    return markdown(["rule, phase 1 → extension", "`kd`", "`ce-long` (upper reference)", "file"], out)
+
+
+def budget():
+    b = "results/budget/"
+    rows = [("`kd`, the teacher's mix", "kd", "results/headline/fixed_base.json", b + "kd_3x_steps.json"),
+            ("`ce`, the teacher's mix", "ce", "results/headline/fixed_base.json", b + "ce_3x_steps.json"),
+            ("`ce-long`, passkey only", "ce-long", "results/data_mix/passkey_only_fixed_base.json",
+             b + "ce_long_3x_steps_passkey_only.json")]
+    ranges = ("0-64", "64-256", "256-512")
+    return markdown(["variant, data", "1,200 steps", "3,600 steps", "file (3,600 steps)"],
+                    [[label, f"{acc(p1, v, *ranges)} ({seeds(p1, v)} seeds)", acc(p3, v, *ranges),
+                      f"`{os.path.basename(p3)}` ({seeds(p3, v)} seeds)"] for label, v, p1, p3 in rows])
+
+
+def head_dim():
+    rows = [("8 x 16 dims (`--student_heads 8`)", "results/head_dim/ce_long_16dim_heads.json"),
+            ("4 x 32 dims (`--student_heads 4`)", "results/head_dim/ce_long_32dim_heads.json"),
+            ("2 x 64 dims (`--student_heads 2`, the headline)", "results/headline/fixed_base.json")]
+    link = lambda p: f"`{os.path.relpath(p, 'results/head_dim')}`"  # noqa: E731
+    return markdown(["heads", "phase 1 in its window", "`ce-long` at 0-64 / 64-256 / 256-512", "file"],
+                    [[label, f2(load(p)["summary"]["phase1_window_acc"]),
+                      acc(p, "ce-long", "0-64", "64-256", "256-512", bold=("256-512",)),
+                      f"{link(p)} ({seeds(p, 'ce-long')} seeds)"] for label, p in rows])
+
+
+def data_mix():
+    d = "results/data_mix/"
+    rows = [("passkey only / passkey only, 1e4, 6e-3", d + "passkey_only_fixed_base.json"),
+            ("passkey only / passkey only, bound 168 → 3,444", d + "passkey_only_bound_base.json"),
+            ("passkey only / teacher's mix, 1e4, 6e-3", d + "ce_long_teacher_mix.json"),
+            ("passkey only / teacher's mix, 1e4, 3e-3", d + "ce_long_teacher_mix_lr3e-3.json"),
+            ("teacher's mix / teacher's mix, 1e4, 3e-3", "results/headline/fixed_base.json")]
+    out = []
+    for label, p in rows:
+        ref = acc(p, "ce-long", "256-512", bold=("256-512",) if "headline" in p else ()) if seeds(p, "ce-long") else "-"
+        kd = f"{acc(p, 'kd', '64-256')} / {acc(p, 'ce', '64-256')}" if seeds(p, "kd") else "-"
+        n = max(seeds(p, v) for v in ("kd", "ce-long"))
+        out.append([label, f2(load(p)["summary"]["phase1_window_acc"]), ref, kd,
+                    f"`{os.path.relpath(p, 'results/data_mix')}` ({n} seed{'s' * (n > 1)})"])
+    return markdown(["data (phase 1 / extension), base, lr", "phase 1 in window", "`ce-long` at 256-512", "`kd` / `ce` at 64-256",
+                     "file"], out)
+
+
+def designs():
+    rows = [("random.json", "random snippets (none)"), ("same_source.json", "snippets from one play (`--snippets same_source`)"),
+            ("repeat.json", "repeated snippets (`--snippets repeat`)"),
+            ("consecutive.json", "consecutive pieces of one play (`--snippets consecutive`)"),
+            ("text_only.json", "no passkey documents (`--passkey_frac 0`)"), ("tau2.json", "KD temperature 2 (`--temperature 2`)"),
+            ("teacher_cross_doc.json", "a teacher trained across packed documents (`--teacher_packing cross_doc`)")]
+    out = []
+    for f, label in rows:
+        png = " / `.png`" if os.path.exists(os.path.join(ROOT, "results/designs", f[:-5] + ".png")) else ""
+        out.append([f"`{f}`{png}", label, *(acc("results/designs/" + f, k, "64-256") for k in ("kd", "ce"))])
+    return markdown(["file", "design (`--flags`)", "`kd`", "`ce`"], out)
+
+
+HYPOTHESES = {  # what each configuration of results/long_range/summary.json tried
+    "baseline": "baseline: today's defaults, the one command",
+    "headline-3-seeds": "the headline, 3 seeds (`../ablation.json`; a teacher of the same recipe from another machine)",
+    "kd-phase-1": "H1: phase 1 by KD too (that teacher)",
+    "teacher-1024": "H2: a teacher trained at 1,024 tokens",
+    "teacher-2048": "**H2: a teacher trained at 2,048 tokens**",
+    "repeat-design": "H3: repeated documents (`--snippets repeat`)",
+    "consecutive-design": "H3: consecutive pieces (`--snippets consecutive`)",
+    "documents-128": "H5: documents <= 128 tokens (phase 1 at window 128)",
+    "teacher-1024+documents-128": "the combination: teacher at 1,024 + documents <= 128",
+    "teacher-2048+documents-128": "**the combination: teacher at 2,048 + documents <= 128**",
+    "teacher-2048+documents-128+3x-steps": "the same with 3x the extension steps (3,600; ce 1 seed, ce-long not rerun)"}
+
+
+def long_range_hypotheses():
+    s = load("results/long_range/summary.json")
+    out = []
+    for c in s["configurations"]:
+        bold = c["name"] in ("teacher-2048", "teacher-2048+documents-128")
+        pair = lambda k: f"{f2(c[k + '_mid_acc'])} / {f2(c[k + '_long_acc'])}" if c.get(k + "_mid_acc") is not None or c.get(k + "_long_acc") is not None else "-"  # noqa: E731
+        kd = pair("kd")
+        borrowed = "; ".join(f"{k} from {v}" for k, v in c["borrowed"].items())
+        out.append([HYPOTHESES.get(c["name"], c["name"]) + f" (`{c['name']}`{'; ' + borrowed if borrowed else ''})",
+                    str(c["seeds"]), str(c["teacher_window"]), f"<= {c['document_length']}", pair("phase1"), pair("ref"),
+                    f"**{kd}**" if bold else kd, pair("ce"), "-" if c["kd_reach"] is None else str(c["kd_reach"])])
+    return markdown(["configuration", "kd runs", "teacher window", "documents", "phase 1", "ce-long", "kd", "ce",
+                     "KD's reach"], out)
+
+
+TABLES = {"quickstart": quickstart, "lesson": lesson, "roads": roads, "headline": headline, "rope_rules": rope_rules,
+          "budget": budget, "head_dim": head_dim, "data_mix": data_mix, "designs": designs,
+          "long_range_hypotheses": long_range_hypotheses}
+TABLE = re.compile(r"(<!-- table: (\S+) -->\n)(.*?)(<!-- /table -->)", re.S)
+COMMANDS = re.compile(r"(<!-- commands -->\n)(.*?)(<!-- /commands -->)", re.S)
+
+
+def commands(folder):
+    """The stored command of every JSON file of a results folder, as a code block."""
+    lines = []
+    for path in sorted(glob.glob(os.path.join(ROOT, folder, "*.json"))):
+        with open(path) as fh:
+            cmd = json.load(fh).get("command")
+        for c in (cmd if isinstance(cmd, list) else [cmd] if cmd else []):
+            lines.append(f"# {os.path.basename(path)}\n{c}")
+    return "```\n" + "\n".join(lines) + "\n```\n"
+
+
+def render(doc):
+    """The document with every marked region rendered afresh."""
+    with open(os.path.join(ROOT, doc)) as fh:
+        text = fh.read()
+    text = TABLE.sub(lambda m: m[1] + TABLES[m[2]]() + "\n" + m[4], text)
+    return COMMANDS.sub(lambda m: m[1] + commands(os.path.dirname(doc)) + m[3], text)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="only report the regions that differ from their files (exit 1)")
+    args = p.parse_args(argv)
+    stale = []
+    for doc in DOCS:
+        with open(os.path.join(ROOT, doc)) as fh:
+            old = fh.read()
+        unknown = [m[2] for m in TABLE.finditer(old) if m[2] not in TABLES]
+        if unknown:
+            print(f"error: {doc}: unknown table {unknown[0]!r} (known: {', '.join(TABLES)})", file=sys.stderr)
+            return 2
+        new = render(doc)
+        if new != old:
+            stale.append(doc)
+            if not args.check:
+                with open(os.path.join(ROOT, doc), "w") as fh:
+                    fh.write(new)
+    verb = "differ from their files" if args.check else "rewritten"
+    print(f"{len(stale)} document(s) {verb}" + (": " + ", ".join(stale) if stale else ""))
+    return 1 if (args.check and stale) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
