@@ -1,9 +1,9 @@
 # %% [markdown]
-# # Short data, long context: the idea in seven steps
+# # Short data, long context: the idea in eight steps
 #
 # A walkthrough in cells, in the order a lecture builds the idea: rotary positions, the RoPE-base
-# bound, packing, the KD target, what the teacher attends to, and the passkey eval after the three
-# phases.  Every number comes from the repository's own modules (`rope`, `data`, `model`, `loss`,
+# bound, packing, skipped positions (PoSE), the KD target, what the teacher attends to, and the passkey
+# eval after the three phases.  Every number comes from the repository's own modules (`rope`, `data`, `model`, `loss`,
 # `eval_retrieval`, `distill`, `tools/ablate`); the `assert`s are the facts each picture stands for.
 #
 #     python walkthrough.py                  # figures -> results/walkthrough/*.png
@@ -98,6 +98,13 @@ for rule in rope.RULES:
         specs[rule].append((L, spec, *rope.frequencies(spec, head_dim)))
         print(f"{rule:9s} phase {k} (window {L:4d}): {rope.describe(spec):34s} slowest pair turns "
               f"{L / rope.wavelengths(specs[rule][-1][2])[-1]:.3g} times")
+turns = {rule: [float(L / rope.wavelengths(w)[-1]) for L, _, w, _ in v] for rule, v in specs.items()}  # slowest pair
+growth = windows[1] / windows[0]
+assert all(abs(x - 1) < 1e-4 for x in turns["phasewise"]), "phase-wise: the slowest pair should turn once per window"
+assert all(x < 1 for x in turns["bound"]), "the bound's base should be larger than the phase-wise one (under one turn)"
+assert abs(turns["fixed"][1] / turns["fixed"][0] - growth) < 1e-4, "a fixed base turns window-ratio times more"
+for rule in ("pi", "ntk", "yarn"):  # each stretches phase 1's spectrum so that its slowest pair keeps its turns
+    assert abs(turns[rule][1] / turns[rule][0] - 1) < 1e-3, f"{rule}: the slowest pair should keep phase 1's turns"
 
 fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
 for ax, k in zip(axes, (0, 1)):
@@ -134,6 +141,7 @@ save(fig, "rope_spectrum.png")
 
 # %%
 fig, axes = plt.subplots(1, len(windows), figsize=(12, 4), squeeze=False)
+first_negative = []  # per window: the first distance where the phase-wise base's B(m) < 0
 for ax, L in zip(axes[0], windows):
     m = np.arange(1, L + 1)
     for rule, color in (("phasewise", "tab:red"), ("bound", "tab:green")):
@@ -146,6 +154,7 @@ for ax, L in zip(axes[0], windows):
             assert (B >= 0).all(), f"the bound rule's base leaves B(m) < 0 below {L}"
         else:
             assert (B[m < L] < 0).any(), f"the phase-wise base keeps B(m) >= 0 below {L}"
+            first_negative.append(int(m[B < 0][0]))
             print(f"window {L}: the phase-wise base (θ {theta:.4g}) first has B(m) < 0 at m = {m[B < 0][0]}, "
                   f"{len(cross)} zero crossings; the bound's base is {rope.bound_theta(head_dim, L):.4g}")
     ax.axhline(0, color="k", lw=0.8)
@@ -154,6 +163,8 @@ for ax, L in zip(axes[0], windows):
     ax.legend(fontsize=8)
 axes[0][0].set_ylabel("B(m) / (d/2)")
 save(fig, "rope_bound.png")
+if not FLAGS:  # the README's numbers for the default student (64-dim heads, windows 64 and 512)
+    assert first_negative == [8, 46], f"B(m) < 0 first at {first_negative}, the README says 8 and 46"
 
 # %% [markdown]
 # ## 3. Packing: one window, many short documents
@@ -167,27 +178,27 @@ save(fig, "rope_bound.png")
 
 # %%
 vocab = distill.vocab_for(args, corpus)  # the one vocabulary of teacher and students
-sampler, short = distill.sampler_for(args, corpus, 2, split="val")
-T = windows[1]
-b = data.make_batch([data.pack(sampler, np.random.default_rng(0), T, short)], vocab)
-doc = b["doc"]
+pack_sampler, pack_short = distill.sampler_for(args, corpus, 2, split="val")
+T_pack = windows[1]
+packed = data.make_batch([data.pack(pack_sampler, np.random.default_rng(0), T_pack, pack_short)], vocab)
+doc = packed["doc"]
 cont, reset = (data.positions_from_docs(doc, mode) for mode in ("continuous", "reset"))
-cross_mask = torch.ones(T, T, dtype=torch.bool).tril()
+cross_mask = torch.ones(T_pack, T_pack, dtype=torch.bool).tril()
 doc_mask = doc_causal_mask(doc)[0, 0]
-t = torch.arange(T)
+t = torch.arange(T_pack)
 reach = {name: int((t[:, None] - t[None, :])[mk].max()) for name, mk in (("cross_doc", cross_mask), ("doc_mask", doc_mask))}
-assert reach["doc_mask"] < short, "a document longer than the short window was packed"
+assert reach["doc_mask"] < pack_short, "a document longer than the short window was packed"
 
 fig = plt.figure(figsize=(12, 8.5))
 gs = fig.add_gridspec(3, 2, height_ratios=[0.35, 1, 2.6], hspace=0.45)
 ax = fig.add_subplot(gs[0, :])
 ax.imshow(doc.numpy() % 20, cmap="tab20", vmin=0, vmax=19, aspect="auto", interpolation="nearest")
 ax.set_yticks([])
-ax.set_title(f"one packed window of {T} tokens: {int(doc.max()) + 1} documents of <= {short} tokens (colour = document id)")
+ax.set_title(f"one packed window of {T_pack} tokens: {int(doc.max()) + 1} documents of <= {pack_short} tokens (colour = document id)")
 ax = fig.add_subplot(gs[1, :])
 ax.plot(cont[0], label="continuous")
 ax.plot(reset[0], label="reset per document")
-ax.set_xlim(0, T - 1)
+ax.set_xlim(0, T_pack - 1)
 ax.set_ylabel("position id")
 ax.set_xlabel("token in the window", fontsize=8)
 ax.legend(fontsize=8)
@@ -203,13 +214,13 @@ save(fig, "packing.png")
 torch.manual_seed(0)
 net = GPT(distill.model_config(args, 2, len(vocab))).eval()
 with torch.no_grad():
-    masked = net(b["idx"], cont, doc, hidden_only=True)[0]
-    masked_reset = net(b["idx"], reset, doc, hidden_only=True)[0]
-    across = net(b["idx"], cont, hidden_only=True)[0]
+    masked = net(packed["idx"], cont, doc, hidden_only=True)[0]
+    masked_reset = net(packed["idx"], reset, doc, hidden_only=True)[0]
+    across = net(packed["idx"], cont, hidden_only=True)[0]
     gap_alone = gap_across = 0.0
     for d in range(int(doc.max()) + 1):
         span = (doc[0] == d).nonzero()[:, 0]
-        alone = net(b["idx"][:, span], torch.arange(len(span))[None], hidden_only=True)[0]
+        alone = net(packed["idx"][:, span], torch.arange(len(span))[None], hidden_only=True)[0]
         gap_alone = max(gap_alone, float((masked[span] - alone).abs().max()))
         gap_across = max(gap_across, float((across[span] - alone).abs().max()))
 gap_positions = float((masked - masked_reset).abs().max())
@@ -220,7 +231,49 @@ assert gap_positions < 1e-4, "continuous and reset positions differ under the do
 assert gap_across > 1e-2, "without the mask, later documents should see the earlier ones"
 
 # %% [markdown]
-# ## 4. The models: teacher, phase 1, phase 2
+# ## 4. Skipped positions (PoSE): the long window's distances from short rows
+#
+# Packing shows the student long distances only *across* documents.  Positional skip-wise training
+# (PoSE, Zhu et al. 2024) keeps each row as short as a document and moves its position ids instead:
+# the row is cut into chunks (`--pose_chunks`, 2 by default) and each later chunk skips ahead, so a
+# 64-token row can hold a key at position 20 and its question at position 480.  `data.pose_positions`
+# draws the row's total skip uniformly up to window - row length, so every distance up to the window
+# is trained about equally often (drawing each skip uniformly above the last makes long jumps rare).
+# The teacher of `pose-kd` sees exactly these ids.  Left: the ids of one packed window and of the
+# eight PoSE rows holding as many tokens; right: how often each distance is trained, over 4,000 rows.
+
+# %%
+pose_rows = windows[1] // windows[0]  # PoSE rows holding the tokens of one packed window
+pose_pos = data.pose_positions(np.random.default_rng(0), pose_rows, windows[0], windows[1], args.pose_chunks)
+spans = data.pose_positions(np.random.default_rng(1), 4000, windows[0], windows[1], args.pose_chunks)
+spans = (spans[:, -1] - spans[:, 0]).numpy()  # the longest distance each row trains
+naive_rng = np.random.default_rng(1)
+u1 = naive_rng.integers(0, windows[1] - windows[0] + 1, 4000)
+naive = naive_rng.integers(u1, windows[1] - windows[0] + 1) - u1 + windows[0] - 1  # u1 ~ U[0, F], u2 ~ U[u1, F]
+edges = np.linspace(windows[0], windows[1], 8)
+hist, hist_naive = np.histogram(spans, edges)[0], np.histogram(naive, edges)[0]
+assert (pose_pos < windows[1]).all() and (pose_pos.diff(dim=1) >= 1).all(), "PoSE ids must increase and stay in the window"
+assert hist.min() > 0.75 * hist.mean(), f"PoSE's longest distances should be about uniform, got {hist.tolist()}"
+assert hist_naive[-1] < 0.3 * hist_naive[0], "the naive sampler should make long jumps rare"
+print(f"rows of {windows[0]} in a {windows[1]} window: longest distance per row, {len(edges) - 1} bins from {windows[0]} to "
+      f"{windows[1]}: ours {hist.tolist()}, naive {hist_naive.tolist()}")
+
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+ax1.plot(np.arange(T_pack), cont[0], color="k", lw=2, label=f"packed: one window of {T_pack}, continuous ids")
+for r in range(pose_rows):
+    ax1.plot(np.arange(r * windows[0], (r + 1) * windows[0]), pose_pos[r], ".", ms=2, label="PoSE rows" if r == 0 else None)
+ax1.set(xlabel="token (packed window / PoSE rows back to back)", ylabel="position id",
+        title=f"{pose_rows} PoSE rows of {windows[0]} tokens, {args.pose_chunks} chunks each")
+ax1.legend(fontsize=8)
+ax2.bar(edges[:-1], hist, width=np.diff(edges) * 0.45, align="edge", label="ours: total skip ~ U[0, window - row]")
+ax2.bar(edges[:-1] + np.diff(edges) * 0.45, hist_naive, width=np.diff(edges) * 0.45, align="edge",
+        label="naive: each skip ~ U[previous, max]")
+ax2.set(xlabel="longest distance a row trains (tokens)", ylabel="rows (of 4,000)", title="how often each distance is trained")
+ax2.legend(fontsize=8)
+save(fig, "pose_positions.png")
+
+# %% [markdown]
+# ## 5. The models: teacher, phase 1, phase 2
 #
 # The pictures below need a teacher and the two student phases.  With the Quickstart's checkpoints
 # (`python distill.py --phase 2`: out/phase0.pt .. phase2.pt) they show trained models and a teacher
@@ -248,7 +301,7 @@ print(f"teacher {os.path.relpath(paths[0])} (window {tck['window']}), students {
       f"{os.path.relpath(paths[2])} (windows {s1ck['window']} -> {s2ck['window']})")
 
 # %% [markdown]
-# ## 5. KD vs CE: what the student is asked to match
+# ## 6. KD vs CE: what the student is asked to match
 #
 # Cross-entropy shows the student one token: the label.  KD (MobileLLM-Pro's "implicit positional
 # distillation") shows it the teacher's whole next-token distribution, and the loss is the forward
@@ -273,13 +326,6 @@ def passkey_answers(b):
             rest = (doc == doc[u]) & (torch.arange(len(w)) >= u) & (w > 1)
             out.append((u, tgt[rest].tolist(), int(doc[u])))
     return out
-
-
-def key_positions(idx, key, span):
-    """Positions in `span` (a tensor of positions) where the key's tokens occur, as a whole key."""
-    hits = [int(span[i]) + j for i in range(len(span) - len(key) + 1) if idx[span[i:i + len(key)]].tolist() == key
-            for j in range(len(key))]
-    return hits
 
 
 rng = np.random.default_rng(0)
@@ -345,7 +391,7 @@ ax.set_title(f"per-token KL over the window (weighted mean {batch_kd:.3f} = the 
 save(fig, "kd_vs_ce.png")
 
 # %% [markdown]
-# ## 6. Where the teacher looks
+# ## 7. Where the teacher looks
 #
 # KD can only pass on what the teacher's targets depend on.  At a passkey answer of a packed window
 # the teacher should look at *its own document's* key; if it looks at *other documents'* keys its
@@ -356,6 +402,13 @@ save(fig, "kd_vs_ce.png")
 # 16 windows (p of the own key and of other documents' keys, full window vs own document only).
 
 # %%
+def key_positions(idx, key, span):
+    """Positions in `span` (a tensor of positions) where the key's tokens occur, as a whole key."""
+    hits = [int(span[i]) + j for i in range(len(span) - len(key) + 1) if idx[span[i:i + len(key)]].tolist() == key
+            for j in range(len(key))]
+    return hits
+
+
 caught = [{} for _ in teacher.blocks]
 hooks = []
 for blk, c in zip(teacher.blocks, caught):
@@ -390,6 +443,7 @@ print(f"answer at {u}: p(own key) {p_own:.3f}, p(other documents' keys) {p_other
 fig = plt.figure(figsize=(14, 2.2 + 2.2 * len(att)))
 gs = fig.add_gridspec(len(att), 2, width_ratios=[3, 1], wspace=0.2, hspace=0.45)
 starts = [0] + (torch.nonzero(docs[1:] != docs[:-1])[:, 0] + 1).tolist()
+masses = []  # per layer: the most attention one head pays the own key, and the other documents' keys
 for layer, a in enumerate(att):
     ax = fig.add_subplot(gs[layer, 0])
     for j, s0 in enumerate(starts):
@@ -397,10 +451,11 @@ for layer, a in enumerate(att):
         ax.axvspan(s0, s1, color="tab:green" if j == own else "0.9" if j % 2 else "white", alpha=0.25, lw=0)
     for h in range(a.shape[0]):
         ax.plot(a[h, u, :u + 1], lw=0.8, label=f"head {h}")
-    top = float(a[:, u].max())
-    ax.plot(own_keys, [top * 1.05] * len(own_keys), "v", color="tab:green", label="own document's key")
-    ax.plot(other_keys, [top * 1.05] * len(other_keys), "v", color="tab:red", label="other documents' keys")
+    peak = float(a[:, u].max())
+    ax.plot(own_keys, [peak * 1.05] * len(own_keys), "v", color="tab:green", label="own document's key")
+    ax.plot(other_keys, [peak * 1.05] * len(other_keys), "v", color="tab:red", label="other documents' keys")
     mass = [float(a[:, u, ps].sum(-1).max()) if ps else 0.0 for ps in (own_keys, other_keys)]
+    masses.append(mass)
     ax.set_title(f"layer {layer}: attention of the answer query at {u}; most on own key (one head) {mass[0]:.2f}, "
                  f"on other documents' keys {mass[1]:.2f}", fontsize=9)
     ax.set_xlim(0, T - 1)
@@ -417,9 +472,13 @@ ax.set_ylabel("teacher's probability at an answer (mean)")
 ax.set_title(f"transfer channel, {channel['n']} answers\n(full window vs own document only)\n"
              f"this answer: own {p_own:.2f}, other {p_other:.2f}", fontsize=9)
 save(fig, "teacher_attention.png")
+own_mass, other_mass = max(masses)  # the retrieval head: the layer whose head looks hardest at the own key
+print(f"retrieval head: {own_mass:.2f} of its attention on the own document's key, {other_mass:.2f} on other documents' keys")
+if models != "tiny":  # a trained teacher (the tiny one does not retrieve): it keeps the packed documents apart
+    assert own_mass > 0.5 and own_mass > other_mass, "the teacher's retrieval head should look at the answer's own key"
 
 # %% [markdown]
-# ## 7. Did the long range reach the student?  Passkey retrieval after each phase
+# ## 8. Did the long range reach the student?  Passkey retrieval after each phase
 #
 # The classic prompt (instruction, filler, the needle at an explicit depth, the question) at prompt
 # lengths from 64 up to twice the last window, scored by teacher-forced exact match of every key
@@ -434,6 +493,10 @@ results = [eval_retrieval.passkey(m, vocab, lengths, n=n, digits=tck["key_digits
 labels = [f"{os.path.basename(pth)} (window {ck['window']})" for pth, ck in zip(paths, (tck, s1ck, s2ck))]
 print(eval_retrieval.format_table([os.path.basename(pth) for pth in paths], results, lengths, eval_retrieval.DEPTHS))
 assert all(len(r) == n * len(lengths) * len(eval_retrieval.DEPTHS) for r in results)
+one_back = [eval_retrieval.by_distance(r, [(64, 128)])["64-128"] for r in results]  # one document back
+print("exact match one document back (key distance 64-128): " + ", ".join(f"{os.path.basename(p)} {a:.2f}" for p, a in zip(paths, one_back)))
+if models != "tiny":  # trained checkpoints: the extension carried retrieval beyond the documents
+    assert one_back[2] > one_back[1], "phase 2 should retrieve more than phase 1 one document back"
 eval_retrieval.save_heatmap(os.path.join(opt.figures, "passkey.png"), labels, results, lengths, eval_retrieval.DEPTHS)
 show(os.path.join(opt.figures, "passkey.png"))
 print("walkthrough done: every assertion held")

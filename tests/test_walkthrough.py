@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIGURES = ("rope_spectrum.png", "rope_bound.png", "packing.png", "kd_vs_ce.png", "teacher_attention.png", "passkey.png")
+FIGURES = ("rope_spectrum.png", "rope_bound.png", "packing.png", "pose_positions.png", "kd_vs_ce.png", "teacher_attention.png",
+           "passkey.png")
 
 
 def test_walkthrough_runs_whole_and_writes_every_figure(tmp_path):
