@@ -40,3 +40,27 @@ def test_a_number_that_drifts_from_its_file_is_caught(tmp_path, monkeypatch):
     r["cells"]["kd-s0"]["by_distance"]["64-256"] = 0.99
     monkeypatch.setitem(report.load.__defaults__[0], "results/headline/fixed_base.json", r)
     assert report.headline() != before
+
+
+def test_spread_pools_whole_runs_extension_seeds_and_logged_runs(tmp_path):
+    """tools/spread.py: per bucket the mean and range over every run, the reach from 32-token bins."""
+    import spread
+
+    def recs(hits):  # one prompt per bucket: key distances 10, 100, 200, 300
+        return [{"distance": d, "correct": c} for d, c in zip((10, 100, 200, 300), hits)]
+    qs = {"n": 20, "models": {m: {"records": recs(h), "seed": 0, "train_time_s": 60, "trained_on": {"threads": 2, "cpu": "X"}}
+                              for m, h in (("t", (1, 1, 1, 1)), ("p1", (1, 0, 0, 0)), ("p2", (1, 1, 0, 0)))}}
+    abl = {"cpu": "X", "setup": {"prompts_per_cell": 10},
+           "cells": {"teacher": {"distance_correct": [[10, 1], [100, 1], [200, 1], [300, 0]]},
+                     "kd-s1": {"distance_correct": [[10, 1], [100, 0], [200, 0], [300, 0]], "train_minutes": 7.0}}}
+    (tmp_path / "qs.json").write_text(json.dumps(qs))
+    (tmp_path / "abl.json").write_text(json.dumps(abl))
+    (tmp_path / "log.json").write_text(json.dumps([{"seed": 0, "threads": 2, "cpu": "Y", "reach": None, "scope": "logged",
+                                                     "acc_by_distance": {"0-64": 0.5, "64-128": 0.5, "128-256": 0.5, "256-512": 0.5}}]))
+    out = tmp_path / "spread.json"
+    assert spread.main([str(tmp_path / "qs.json"), "--extension", str(tmp_path / "abl.json"), "--log", str(tmp_path / "log.json"),
+                        "--out", str(out)]) == 0
+    s = json.loads(out.read_text())
+    assert [r["seed"] for r in s["runs"]] == [0, 1, 0] and s["runs"][0]["minutes"] == 3.0
+    assert s["summary"]["64-128"] == {"mean": 0.5, "min": 0.0, "max": 1.0}
+    assert s["runs"][0]["reach"] == 128 and s["runs"][1]["reach"] == 32 and s["summary"]["reach"] == {"min": 32, "max": 128, "runs": 2}

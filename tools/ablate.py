@@ -3,7 +3,8 @@ The headline comparison of the paper's claim, at toy scale (arXiv 2604.06070; Mo
 does a student trained only on short documents packed into a long window retrieve far beyond its
 documents after logit distillation -- and better than its cross-entropy twin?
 
-    python tools/ablate.py                        # 1 seed: phase 1, ce-long, kd, ce from the default teacher and phase 1
+    python tools/ablate.py                        # 1 seed: phase 1, ce-long, kd, ce, pose-kd, pose-ce from the default
+                                                  #   teacher and phase 1
     python tools/ablate.py --seeds 3 --results results/ablation.json     # the README's 3-seed table
     python tools/ablate.py --matrix               # every variant (RoPE rules, masking, the mismatched teacher, ...)
     python tools/ablate.py --regime passkey-only  # the same comparison under one of the old defaults (REGIMES)
@@ -62,7 +63,8 @@ VARIANTS = {
     # upper reference: long documents (what the method avoids), grown by a curriculum like the teacher's
     "ce-long":      ["--loss", "ce", "--data_mode", "long", "--curriculum", "0.6"],
 }
-HEADLINE = ("ce-long", "kd", "ce")  # with phase 1, the predecessor's four rows
+# with phase 1, the predecessor's four rows -- and the other road from short data to the long window, PoSE, by CE and by KD
+HEADLINE = ("ce-long", "kd", "ce", "pose-kd", "pose-ce")
 OPTIONAL = ("kd+ce",)  # not in --matrix
 # The defaults this bench had before its headline regime: each failure is a finding (README, "What we found").
 REGIMES = {
@@ -545,7 +547,7 @@ def summarise(args, names, rules, cells, channel, lengths, tck, s1ck, train_min,
     phase1_window = eval_retrieval.accuracy(cells["phase1"]["records"], length=args.short)
     return {
         "command": "python tools/ablate.py " + " ".join(sys.argv[1:]),
-        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "cpu": eval_retrieval.machine()["cpu"],
         # this invocation (finished runs are reused, not retrained) and every run's own training time
         "minutes": {"training": round(train_min, 1), "total": round(total_min, 1),
                     "runs_sum": round(sum(c.get("train_minutes") or 0 for c in cells.values()), 1), "jobs": args.jobs},

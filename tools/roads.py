@@ -97,7 +97,7 @@ def summarise(default, also=(), attention=None):
     base = next(x for x in roads if x["name"] == "phase1")
     return {"files": [default, *also], "attention_file": attention,
             "commands": [load(p)["command"] for p in (default, *also)],
-            "machine": r["machine"], "setup": {k: r["setup"][k] for k in ("short_len", "window", "steps", "batch", "prompts_per_cell")},
+            "machine": r["machine"], "cpu": r.get("cpu"), "setup": {k: r["setup"][k] for k in ("short_len", "window", "steps", "batch", "prompts_per_cell")},
             "phase1_short_text_loss": base["short_text_loss"], "phase1_short_passkey_acc": base["short_passkey_acc"],
             "roads": roads}
 

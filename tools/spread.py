@@ -1,0 +1,94 @@
+"""
+How much the Quickstart's numbers move from run to run: one file of runs, each with its seed, threads, CPU, the
+teacher's and phase 2's passkey accuracy by key distance, phase 2's reach and its minutes.
+
+    python tools/spread.py results/default_run/quickstart.json --extension results/roads/default_teacher.json \\
+        --log results/default_run/earlier_runs.json --out results/default_run/spread.json
+
+QUICKSTART.json: side-by-side evals of the Quickstart's three checkpoints (`eval_retrieval.py ... --json`), one per
+whole run (teacher, phase 1, phase 2 trained by the two commands).  --extension: a tools/ablate.py file whose `kd`
+seeds are the Quickstart's second command from the same teacher and phase 1 (`--seed K`, one thread each): the
+spread of the extension alone.  --log: runs of earlier machines as the run log recorded them (a list of runs).
+The summary gives, per key-distance bucket, the mean and the range of phase 2 over all runs, and the range of the reach.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import ablate  # noqa: E402
+from ablate import eval_retrieval  # noqa: E402
+
+BUCKETS = ((0, 64), (64, 128), (128, 256), (256, 512))
+BINS = [(lo, lo + 32) for lo in range(0, 512, 32)]  # half a document: where the cliff sits
+
+
+def reach(records):
+    return ablate.reach(eval_retrieval.by_distance(records, BINS))
+
+
+def quickstart_run(path):
+    r = json.load(open(path))
+    teacher, _, phase2 = r["models"].values()
+    on = phase2["trained_on"] or {}
+    return {"scope": "whole pipeline: the Quickstart's two commands", "file": path, "seed": phase2["seed"],
+            "threads": on.get("threads"), "cpu": on.get("cpu"), "prompts_per_cell": r["n"],
+            "acc_by_distance": eval_retrieval.by_distance(phase2["records"], BUCKETS),
+            "teacher_acc_by_distance": eval_retrieval.by_distance(teacher["records"], BUCKETS),
+            "reach": reach(phase2["records"]), "minutes": round(sum(m["train_time_s"] for m in r["models"].values()) / 60, 1)}
+
+
+def extension_runs(path):
+    r = json.load(open(path))
+    teacher = eval_retrieval.by_distance([{"distance": d, "correct": c} for d, c in r["cells"]["teacher"]["distance_correct"]], BUCKETS)
+    out = []
+    for name, cell in r["cells"].items():
+        if name.rsplit("-s", 1)[0] != "kd":
+            continue
+        recs = [{"distance": d, "correct": c} for d, c in cell["distance_correct"]]
+        out.append({"scope": "extension only: the second command with --seed K at 1 thread, from the same teacher and phase 1",
+                    "file": path, "seed": int(name.rsplit("-s", 1)[1]), "threads": 1, "cpu": r.get("cpu"),
+                    "prompts_per_cell": r["setup"]["prompts_per_cell"], "acc_by_distance": eval_retrieval.by_distance(recs, BUCKETS),
+                    "teacher_acc_by_distance": teacher, "reach": reach(recs), "minutes": cell["train_minutes"]})
+    return out
+
+
+def summary(runs):
+    out = {}
+    for lo, hi in BUCKETS:
+        vals = [x["acc_by_distance"][f"{lo}-{hi}"] for x in runs]
+        out[f"{lo}-{hi}"] = {"mean": float(np.mean(vals)), "min": min(vals), "max": max(vals)}
+    reaches = [x["reach"] for x in runs if x["reach"] is not None]  # a run log may not have kept it
+    out["reach"] = {"min": min(reaches), "max": max(reaches), "runs": len(reaches)}
+    out["runs"] = len(runs)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("quickstart", nargs="+", help="eval_retrieval.py --json files of whole Quickstart runs")
+    p.add_argument("--extension", default=None, help="a tools/ablate.py file with kd seeds from the same teacher and phase 1")
+    p.add_argument("--log", default=None, help="a JSON list of earlier runs, in this file's run format")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    runs = [quickstart_run(q) for q in args.quickstart]
+    runs += extension_runs(args.extension) if args.extension else []
+    runs += json.load(open(args.log)) if args.log else []
+    s = {"command": "python tools/spread.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+         "summary": summary(runs), "runs": runs}
+    with open(args.out, "w") as fh:
+        json.dump(s, fh, indent=1)
+    for x in runs:
+        print(f"seed {x['seed']} threads {x['threads']} {x['cpu']}: " +
+              " / ".join(f"{v:.2f}" for v in x["acc_by_distance"].values()) + f"  reach {x['reach']}  ({x['scope'][:48]})")
+    print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
