@@ -119,6 +119,27 @@ def roads():
                      "tokens trained", "attention GFLOP / step", "minutes per run"], rows)
 
 
+def roads_attention():
+    """What each road's student does at each distance: retrieval-head attention on the needle (one seed)."""
+    r = load("results/roads/summary.json")
+    rows = [[x["label"], *(f"{x['needle_attention_by_distance'][b]:.2f}" for b in BUCKETS),
+             " / ".join(f2(x["acc_by_distance"][b]) for b in BUCKETS)]
+            for x in r["roads"] if x.get("needle_attention_by_distance")]
+    return markdown(["model (seed 0)", *BUCKETS, "its passkey exact match (filler, seed mean)"], rows)
+
+
+def spread():
+    """The Quickstart's numbers over runs of other seeds, thread counts and machines (tools/spread.py)."""
+    r = load("results/default_run/spread.json")
+    sm = r["summary"]
+    rows = [[f"seed {x['seed']}, {x['threads']} thread{'s' * (x['threads'] != 1)}, {x['cpu']}", x["scope"].split(":")[0],
+             *(f2(x["acc_by_distance"][b]) for b in BUCKETS), "-" if x["reach"] is None else str(x["reach"])] for x in r["runs"]]
+    rows.append([f"**all {sm['runs']} runs: mean (min-max)**", "",
+                 *(f"{sm[b]['mean']:.2f} ({sm[b]['min']:.2f}-{sm[b]['max']:.2f})" for b in BUCKETS),
+                 f"{sm['reach']['min']}-{sm['reach']['max']}"])
+    return markdown(["run", "what was rerun", *(f"phase 2 at {b}" for b in BUCKETS), "reach"], rows)
+
+
 # ---- results/<question>/README ------------------------------------------------------------------
 
 def headline():
@@ -233,7 +254,7 @@ def long_range_hypotheses():
                      "KD's reach"], out)
 
 
-TABLES = {"quickstart": quickstart, "lesson": lesson, "roads": roads, "headline": headline, "rope_rules": rope_rules,
+TABLES = {"quickstart": quickstart, "spread": spread, "lesson": lesson, "roads": roads, "roads_attention": roads_attention, "headline": headline, "rope_rules": rope_rules,
           "budget": budget, "head_dim": head_dim, "data_mix": data_mix, "designs": designs,
           "long_range_hypotheses": long_range_hypotheses}
 TABLE = re.compile(r"(<!-- table: (\S+) -->\n)(.*?)(<!-- /table -->)", re.S)

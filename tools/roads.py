@@ -2,10 +2,10 @@
 Short data, long context: the roads from short documents to the long window, side by side, with their cost
 and their short-context price -- one summary (and figure) of tools/ablate.py results files.
 
-    python tools/roads.py DEFAULT.json [--also STRONG.json] [--attention ATT.json] --out results/roads/summary.json
+    python tools/roads.py DEFAULT.json [MORE.json] [--also STRONG.json] [--attention ATT.json] --out results/roads/summary.json
 
-DEFAULT.json: an ablate run of the default teacher and phase 1 with the variants kd, ce, ce-long, pose-kd,
-pose-ce (phase 1 and the teacher come with it); --also: further ablate runs (another teacher or phase 1,
+DEFAULT.json [MORE.json ...]: ablate runs of the default teacher and phase 1 with the variants kd, ce, ce-long,
+pose-kd, pose-ce (phase 1 and the teacher come with the first; several files are pooled); --also: further ablate runs (another teacher or phase 1,
 e.g. the strongest KD configuration of results/long_range), each variant a road named FILE-STEM/VARIANT.
 Per road: passkey exact match by key distance in two haystacks (the eval's filler and held-out text), seed
 means and min-max, the reach (largest key distance, to half a document, still retrieved >= 0.5, filler),
@@ -82,8 +82,21 @@ def road(name, label, r, variant):
     return out
 
 
+def pooled_files(paths):
+    """Several ablate files of one teacher, phase 1 and setup (say, the PoSE roads and the packed ones, run side
+    by side) as one: their variants' cells together, teacher and phase 1 from the first."""
+    r = load(paths[0])
+    for path in paths[1:]:
+        other = load(path)
+        keys = ("short_len", "window", "steps", "batch", "prompts_per_cell", "teacher")
+        if any(other["setup"][k] != r["setup"][k] for k in keys):
+            raise ValueError(f"{path} has another setup than {paths[0]} ({', '.join(keys)} must agree)")
+        r["cells"].update({k: v for k, v in other["cells"].items() if k not in ("teacher", "phase1")})
+    return r
+
+
 def summarise(default, also=(), attention=None):
-    r = load(default)
+    r = pooled_files(default)
     roads = [road(v, LABELS[v], r, v) for v in ("teacher", "phase1", "ce-long", "kd", "ce", "pose-kd", "pose-ce")
              if ablate.seed_cells(r["cells"], v)]
     for path in also:
@@ -95,8 +108,8 @@ def summarise(default, also=(), attention=None):
         for x in roads:
             x["needle_attention_by_distance"] = att.get(x["name"], {}).get("by_distance")
     base = next(x for x in roads if x["name"] == "phase1")
-    return {"files": [default, *also], "attention_file": attention,
-            "commands": [load(p)["command"] for p in (default, *also)],
+    return {"files": [*default, *also], "attention_file": attention,
+            "commands": [load(p)["command"] for p in (*default, *also)],
             "machine": r["machine"], "cpu": r.get("cpu"), "setup": {k: r["setup"][k] for k in ("short_len", "window", "steps", "batch", "prompts_per_cell")},
             "phase1_short_text_loss": base["short_text_loss"], "phase1_short_passkey_acc": base["short_passkey_acc"],
             "roads": roads}
@@ -134,12 +147,12 @@ def plot(s, png):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("default", help="tools/ablate.py results of the default teacher and phase 1")
+    p.add_argument("default", nargs="+", help="tools/ablate.py results of the default teacher and phase 1 (several: pooled)")
     p.add_argument("--also", nargs="*", default=[], help="further ablate results files, each variant a road")
     p.add_argument("--attention", default=None, help="a tools/long_range.py --attention file (model names = road names)")
     p.add_argument("--out", required=True, help="summary JSON (and a figure beside it, .png)")
     args = p.parse_args(argv)
-    for path in [args.default, *args.also, *([args.attention] if args.attention else [])]:
+    for path in [*args.default, *args.also, *([args.attention] if args.attention else [])]:
         if not os.path.isfile(path):
             print(f"error: {path}: no such results file", file=sys.stderr)
             return 2
