@@ -261,12 +261,18 @@ TABLE = re.compile(r"(<!-- table: (\S+) -->\n)(.*?)(<!-- /table -->)", re.S)
 COMMANDS = re.compile(r"(<!-- commands -->\n)(.*?)(<!-- /commands -->)", re.S)
 
 
+def stored_command(path):
+    """A results file's `command` (a string, or a list for a summary of several runs); None if it has none."""
+    with open(path) as fh:
+        r = json.load(fh)
+    return r.get("command") if isinstance(r, dict) else None
+
+
 def commands(folder):
     """The stored command of every JSON file of a results folder, as a code block."""
     lines = []
     for path in sorted(glob.glob(os.path.join(ROOT, folder, "*.json"))):
-        with open(path) as fh:
-            cmd = json.load(fh).get("command")
+        cmd = stored_command(path)
         for c in (cmd if isinstance(cmd, list) else [cmd] if cmd else []):
             lines.append(f"# {os.path.basename(path)}\n{c}")
     return "```\n" + "\n".join(lines) + "\n```\n"
