@@ -472,10 +472,13 @@ ax.set_ylabel("teacher's probability at an answer (mean)")
 ax.set_title(f"transfer channel, {channel['n']} answers\n(full window vs own document only)\n"
              f"this answer: own {p_own:.2f}, other {p_other:.2f}", fontsize=9)
 save(fig, "teacher_attention.png")
-own_mass, other_mass = max(masses)  # the retrieval head: the layer whose head looks hardest at the own key
-print(f"retrieval head: {own_mass:.2f} of its attention on the own document's key, {other_mass:.2f} on other documents' keys")
+# The answer is read out in the last layer (in two layers: an induction circuit's second half); lower layers may
+# match key pieces anywhere, in other documents too.
+own_mass, other_mass = masses[-1]
+print(f"last layer: at most {own_mass:.2f} of one head's attention on the own document's key, {other_mass:.2f} on "
+      f"other documents' keys")
 if models != "tiny":  # a trained teacher (the tiny one does not retrieve): it keeps the packed documents apart
-    assert own_mass > 0.5 and own_mass > other_mass, "the teacher's retrieval head should look at the answer's own key"
+    assert own_mass > 0.5 and own_mass > other_mass, "the teacher's last layer should look at the answer's own key"
 
 # %% [markdown]
 # ## 8. Did the long range reach the student?  Passkey retrieval after each phase

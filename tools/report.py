@@ -78,14 +78,12 @@ def quickstart():
     lines = [f"{'model':<24}" + "".join(f"{x:>12}" for x in b)]
     for name, m in r["models"].items():
         lines.append(f"{name:<24}" + "".join(f"{f2(m['acc_by_distance'][x]):>12}" for x in b))
-    t = {n: m["train_time_s"] / 60 for n, m in r["models"].items()}
-    on = next(iter(r["models"].values()))["trained_on"]
-    names = list(t)
+    t = [m["train_time_s"] / 60 for m in r["models"].values()]
+    on = r["evaluated_on"]
     return ("```\n" + "\n".join(lines) + "\n```\n\n" +
-            f"{r['n']} prompts per (length, depth) cell. Wall times of the training phases on {on['cores']} cores of an "
-            f"{on['cpu']} ({on['threads']} threads, torch {on['torch']}): teacher {t[names[0]]:.1f} min, phase 1 "
-            f"{t[names[1]]:.1f} min (the first command: {t[names[0]] + t[names[1]]:.1f} min of training), phase 2 "
-            f"{t[names[2]]:.1f} min.")
+            f"{r['n']} prompts per (length, depth) cell; {on['cores']} cores of an {on['cpu']}, {on['threads']} threads, "
+            f"torch {on['torch']}. Training wall times kept in the checkpoints: teacher {t[0]:.1f} min, phase 1 {t[1]:.1f} "
+            f"min, phase 2 {t[2]:.1f} min.")
 
 
 def lesson():
