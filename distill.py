@@ -182,12 +182,13 @@ def setup_phase(args, phase, corpus, device, rank, world):
         say(rank, too_many_epochs)
     s.optimizer = s.model.configure_optimizer(s.lr, args.weight_decay, fused=True if device.startswith("cuda") else None)
     s.rng = np.random.default_rng([args.seed, phase, 7])
-    s.partial, s.start = ckpt_path(args, phase, partial=True), 0
+    s.partial, s.start, s.time_before = ckpt_path(args, phase, partial=True), 0, 0.0
     if args.resume and os.path.exists(s.partial):
         ck = checkpoint.load(s.partial)
         s.model.load_state_dict(ck["model"])
         s.optimizer.load_state_dict(ck["optimizer"])
         s.rng.bit_generator.state, s.start = ck["rng"], ck["step"]
+        s.time_before = ck.get("train_time_s")  # training time before the kill (None: a partial file that did not keep it)
         say(rank, f"resuming phase {phase} at step {s.start} from {s.partial}")
     return s
 
@@ -207,7 +208,8 @@ def run_phase(args, phase, corpus, device, rank, world):
     free_buffers()  # the loss's reusable [chunk, V] scratch: not needed by the eval or the next phase
     elapsed = time.time() - t0
     if rank == 0:
-        final = {**record(args, s, s.model), "step": s.steps, "train_time_s": round(elapsed, 1), "final_loss": stats.tolist()}
+        final = {**record(args, s, s.model), "step": s.steps, "train_time_s": round(elapsed + (s.time_before or 0.0), 1),
+                 "train_time_complete": s.time_before is not None, "final_loss": stats.tolist()}
         checkpoint.save(ckpt_path(args, phase), final)
         if os.path.exists(s.partial):
             os.remove(s.partial)
@@ -273,7 +275,8 @@ def train_loop(args, s, device, rank, world):
                 log.flush()
             if (step + 1) % args.ckpt_every == 0 and step + 1 < s.steps:
                 checkpoint.save(s.partial, {**record(args, s, model), "step": step + 1,
-                                            "optimizer": s.optimizer.state_dict(), "rng": s.rng.bit_generator.state})
+                                            "optimizer": s.optimizer.state_dict(), "rng": s.rng.bit_generator.state,
+                                            "train_time_s": None if s.time_before is None else s.time_before + time.time() - t0})
     bar.close()
     if log is not None:
         log.close()

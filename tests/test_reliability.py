@@ -63,9 +63,14 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(teacher_run, ti
             ck = checkpoint.load(partial)  # whatever moment the kill hit, the file on disk loads
             assert ck["step"] % 7 == 0 and "optimizer" in ck
     assert kills >= 1
+    before = checkpoint.load(partial)["train_time_s"]  # what the killed attempts trained, kept in the partial file
     assert cli("--out", out, *common, "--resume").returncode == 0
     assert losses(out, 2) == reference  # bit-identical loss curve (CPU, same seed)
     assert not os.path.exists(partial)
+    # the training time adds up over the killed attempts: theirs (from the partial file) plus the last one's
+    done = checkpoint.load(os.path.join(out, "phase2.pt"))
+    last = json.loads(open(os.path.join(out, "phase2.jsonl")).readlines()[-1])["time_s"]
+    assert before > 0 and done["train_time_complete"] and done["train_time_s"] >= before + last - 0.2
 
 
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):

@@ -483,7 +483,8 @@ def main(argv=None):
     for name, seed, ckpt in done:
         model, _, ck = checkpoint.load_model(ckpt, dev)
         cells[f"{name}-s{seed}"] = {**evaluate(model, vocab, corpus, lengths, args, digits, dev),
-                                    "final_loss": ck["final_loss"], "train_minutes": round(ck["train_time_s"] / 60, 2)}
+                                    "final_loss": ck["final_loss"], "train_minutes": round(ck["train_time_s"] / 60, 2)
+                                    if ck.get("train_time_complete", True) else None}  # None: resumed, time before unknown
     sampler, _ = distill.sampler_for(dargs, corpus, 2, split="val")
     channel = transfer_channel(teacher, vocab, sampler, args.window, args.short, rows=2 if args.smoke else 16, device=dev)
     results = summarise(args, names, rules, cells, channel, lengths, tck, s1ck, train_min, (time.time() - t0) / 60)

@@ -61,7 +61,7 @@ def step_cost(setup, variant):
     return tokens, tokens // T * flops
 
 
-def road(name, label, r, variant):
+def road(name, label, r, variant, untimed=()):
     cells = ablate.seed_cells(r["cells"], variant)
     setup, out = r["setup"], {"name": name, "label": label, "seeds": len(cells)}
     for key, src in (("acc", "distance_correct"), ("text_acc", "text_distance_correct")):
@@ -78,7 +78,9 @@ def road(name, label, r, variant):
     tokens, flops = step_cost(setup, variant) if trained else (None, None)
     out["tokens"] = setup["steps"] * tokens if trained else None
     out["attention_gflop_per_step"] = flops / 1e9 if trained else None
-    out["wall_min"] = float(np.mean([c["train_minutes"] for c in cells])) if trained else None
+    timed = [c["train_minutes"] for k, c in r["cells"].items()
+             if k.rsplit("-s", 1)[0] == variant and c["train_minutes"] is not None and k not in untimed]
+    out["wall_min"] = float(np.mean(timed)) if trained and timed else None
     return out
 
 
@@ -95,9 +97,9 @@ def pooled_files(paths):
     return r
 
 
-def summarise(default, also=(), attention=None):
+def summarise(default, also=(), attention=None, untimed=()):
     r = pooled_files(default)
-    roads = [road(v, LABELS[v], r, v) for v in ("teacher", "phase1", "ce-long", "kd", "ce", "pose-kd", "pose-ce")
+    roads = [road(v, LABELS[v], r, v, untimed) for v in ("teacher", "phase1", "ce-long", "kd", "ce", "pose-kd", "pose-ce")
              if ablate.seed_cells(r["cells"], v)]
     for path in also:
         ra, stem = load(path), os.path.splitext(os.path.basename(path))[0]
@@ -110,7 +112,7 @@ def summarise(default, also=(), attention=None):
     base = next(x for x in roads if x["name"] == "phase1")
     return {"files": [*default, *also], "attention_file": attention,
             "commands": [load(p)["command"] for p in (*default, *also)],
-            "machine": r["machine"], "cpu": r.get("cpu"), "setup": {k: r["setup"][k] for k in ("short_len", "window", "steps", "batch", "prompts_per_cell")},
+            "untimed": list(untimed), "machine": r["machine"], "cpu": r.get("cpu"), "setup": {k: r["setup"][k] for k in ("short_len", "window", "steps", "batch", "prompts_per_cell")},
             "phase1_short_text_loss": base["short_text_loss"], "phase1_short_passkey_acc": base["short_passkey_acc"],
             "roads": roads}
 
@@ -150,13 +152,15 @@ def main(argv=None):
     p.add_argument("default", nargs="+", help="tools/ablate.py results of the default teacher and phase 1 (several: pooled)")
     p.add_argument("--also", nargs="*", default=[], help="further ablate results files, each variant a road")
     p.add_argument("--attention", default=None, help="a tools/long_range.py --attention file (model names = road names)")
+    p.add_argument("--untimed", default="", help="cells (NAME-sK) whose recorded training time is incomplete (a run killed "
+                   "and resumed before checkpoints kept their time): left out of the minutes per run")
     p.add_argument("--out", required=True, help="summary JSON (and a figure beside it, .png)")
     args = p.parse_args(argv)
     for path in [*args.default, *args.also, *([args.attention] if args.attention else [])]:
         if not os.path.isfile(path):
             print(f"error: {path}: no such results file", file=sys.stderr)
             return 2
-    s = summarise(args.default, args.also, args.attention)
+    s = summarise(args.default, args.also, args.attention, args.untimed.split(",") if args.untimed else ())
     s["command"] = "python tools/roads.py " + " ".join(argv if argv is not None else sys.argv[1:])
     with open(args.out, "w") as fh:
         json.dump(s, fh, indent=1)
