@@ -86,18 +86,6 @@ def quickstart():
             f"min, phase 2 {t[2]:.1f} min.")
 
 
-def lesson():
-    path = "results/ablation.json"
-    sm = load(path)["summary"]
-    rows = [(f"lower reference: phase 1 alone ({f2(sm['phase1_window_acc'])} inside its 64-token window)", "phase1"),
-            ("upper reference: CE on real long documents (`ce-long`)", "ce-long"),
-            ("**KD on short packed documents** (`kd`, the method)", "kd"),
-            ("CE on the same short packed documents (`ce`)", "ce")]
-    return markdown(["model", "inside a document (0-64)", "one to four documents back (64-256)", "256-512"],
-                    [[label, *acc(path, v, "0-64", "64-256", "256-512", bold=("64-256", "256-512") if v in ("kd", "ce-long")
-                                  else ()).split(" / ")] for label, v in rows])
-
-
 def roads():
     """The roads from short data to the long window (tools/roads.py -> results/roads/summary.json)."""
     r = load("results/roads/summary.json")
@@ -110,7 +98,8 @@ def roads():
                      " / ".join(cell("acc_by_distance", b) for b in BUCKETS),
                      " / ".join(cell("text_acc_by_distance", b) for b in BUCKETS),
                      str(road["reach"]), f2(road["short_text_loss"]), f2(road["short_passkey_acc"]),
-                     f"{road['tokens'] / 1e6:.1f} M", f"{road['attention_gflop_per_step']:.1f}",
+                     *(("-", "-") if road["tokens"] is None else
+                       (f"{road['tokens'] / 1e6:.1f} M", f"{road['attention_gflop_per_step']:.1f}")),
                      "-" if road["wall_min"] is None else f"{road['wall_min']:.1f}"])
     return markdown(["road", "seeds", "filler haystack: 0-64 / 64-128 / 128-256 / 256-512",
                      "held-out text haystack: the same", "reach (filler)", "short text loss", "passkey at 64",
@@ -252,7 +241,7 @@ def long_range_hypotheses():
                      "KD's reach"], out)
 
 
-TABLES = {"quickstart": quickstart, "spread": spread, "lesson": lesson, "roads": roads, "roads_attention": roads_attention, "headline": headline, "rope_rules": rope_rules,
+TABLES = {"quickstart": quickstart, "spread": spread, "roads": roads, "roads_attention": roads_attention, "headline": headline, "rope_rules": rope_rules,
           "budget": budget, "head_dim": head_dim, "data_mix": data_mix, "designs": designs,
           "long_range_hypotheses": long_range_hypotheses}
 TABLE = re.compile(r"(<!-- table: (\S+) -->\n)(.*?)(<!-- /table -->)", re.S)
