@@ -36,9 +36,10 @@ BUCKETS = ((0, 64), (64, 128), (128, 256), (256, 512))  # the headline's documen
 BIN = 32
 
 
-def pooled(cells, lo, hi):
-    """Exact match over every prompt of these cells with key distance in [lo, hi)."""
-    hits = [c for cell in cells for d, c in cell["distance_correct"] if lo <= d < hi]
+def pooled(cells, lo, hi, key="distance_correct"):
+    """Exact match over every prompt of these cells with key distance in [lo, hi) (key: which prompts, e.g. the
+    held-out-text haystack's `text_distance_correct`)."""
+    hits = [c for cell in cells for d, c in cell[key] if lo <= d < hi]
     return float(np.mean(hits)) if hits else None
 
 

@@ -91,9 +91,9 @@ def roads():
     r = load("results/roads/summary.json")
     rows = []
     for road in r["roads"]:
-        def cell(key, rng):
-            mean, (lo, hi) = road[key][rng], road[f"{key.replace('acc_by_distance', 'acc_range')}"][rng]
-            return "-" if mean is None else f"{mean:.2f}" if hi - lo < 0.005 else f"{mean:.2f} ({lo:.2f}-{hi:.2f})"
+        def cell(key, rng):  # a bucket no prompt fell into has mean and range None
+            mean, span = road[key][rng], road[key.replace("acc_by_distance", "acc_range")][rng]
+            return "-" if mean is None else f"{mean:.2f}" if span[1] - span[0] < 0.005 else f"{mean:.2f} ({span[0]:.2f}-{span[1]:.2f})"
         rows.append([road["label"], str(road["seeds"]),
                      " / ".join(cell("acc_by_distance", b) for b in BUCKETS),
                      " / ".join(cell("text_acc_by_distance", b) for b in BUCKETS),

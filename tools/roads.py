@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import ablate  # noqa: E402
+import long_range  # noqa: E402
 from ablate import distill, eval_retrieval  # noqa: E402
 
 BUCKETS = ((0, 64), (64, 128), (128, 256), (256, 512))
@@ -37,11 +38,6 @@ LABELS = {"teacher": "the teacher (long documents, window 512)", "phase1": "phas
 
 def f2(x):
     return "-" if x is None else f"{x:.2f}"
-
-
-def pooled(cell, key, lo, hi):
-    hits = [c for d, c in cell[key] if lo <= d < hi]
-    return float(np.mean(hits)) if hits else None
 
 
 def step_cost(setup, variant):
@@ -65,7 +61,7 @@ def road(name, label, r, variant, untimed=()):
     cells = ablate.seed_cells(r["cells"], variant)
     setup, out = r["setup"], {"name": name, "label": label, "seeds": len(cells)}
     for key, src in (("acc", "distance_correct"), ("text_acc", "text_distance_correct")):
-        per = {f"{lo}-{hi}": [v for v in (pooled(c, src, lo, hi) for c in cells) if v is not None] for lo, hi in BUCKETS}
+        per = {f"{lo}-{hi}": [v for v in (long_range.pooled([c], lo, hi, src) for c in cells) if v is not None] for lo, hi in BUCKETS}
         out[f"{key}_by_distance"] = {k: float(np.mean(v)) if v else None for k, v in per.items()}  # None: no prompt there
         out[f"{key}_range"] = {k: [min(v), max(v)] if v else None for k, v in per.items()}
         fine = [c[("text_" if key == "text_acc" else "") + "by_distance_fine"] for c in cells]
