@@ -106,8 +106,8 @@ def load_student(path, cfg, vocab, short_len, key_digits, window, device="cpu"):
     check_student(ck, path, (cfg.n_layer, cfg.n_head, cfg.n_embd), short_len, key_digits)
     if Vocab.from_state(ck["vocab"]) != vocab:
         raise CheckpointError(f"{path} uses another vocabulary than the teacher; retrain it with this teacher")
-    if ck["window"] >= window:
-        raise CheckpointError(f"{path} was trained at window {ck['window']} >= this phase's window {window}")
+    if ck["window"] > window:  # equal: the control of an extension, more steps at the same window
+        raise CheckpointError(f"{path} was trained at window {ck['window']} > this phase's window {window}")
     model = build_model(ck, device)
     model.set_rope(cfg.rope)
     return model

@@ -183,6 +183,7 @@ def validate(args):
         except ValueError:
             raise UsageError(f"--windows must be comma-separated integers, got {args.windows!r}") from None
         need(args.windows[0] == args.short_len, f"--windows must start with the short window {args.short_len}")
-        need(all(b > a for a, b in zip(args.windows, args.windows[1:])), "--windows must increase phase by phase")
+        # an equal window is allowed: more training at the same window and base, the control of an extension
+        need(all(b >= a for a, b in zip(args.windows, args.windows[1:])), "--windows must not shrink phase by phase")
         need(args.phase <= len(args.windows), f"--windows lists {len(args.windows)} phases; phase {args.phase} needs one more")
     need(args.vocab_size is None or args.vocab_size >= 2, "--vocab_size must be >= 2")

@@ -247,3 +247,18 @@ def test_needle_attention_is_uniform_when_queries_are_zero():
     prompts = [p for L in (64, 128) for p in eval_retrieval._prompts(L, eval_retrieval.DEPTHS, 1, 1234, 4)]
     for (d, a), (tokens, answer, needle, _) in zip(long_range.needle_attention(model, vocab, [64, 128], n=1, digits=4), prompts):
         assert d == answer - needle and a == pytest.approx((len(tokens) - answer) / answer, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["kd-control", "ce-control"])
+def test_a_control_trains_as_long_at_phase_1s_own_window_and_base(name):
+    """The controls of the mechanistic analyses: the extension phase's steps and loss, but no extension."""
+    import distill
+    args = ablate.parse_args([])
+    flags, _ = ablate.extension_flags(args, name, 168.0)
+    twin = ablate.extension_flags(args, name.replace("-control", ""), 168.0)[0]
+    ctl, ext = (distill.parse_args(ablate.distill_args(args, 2) + f) for f in (flags, twin))
+    p1 = distill.parse_args(ablate.distill_args(args, 1))
+    assert distill.window_of(ctl, 2) == distill.window_of(p1, 1) == 64 and distill.window_of(ext, 2) == 512
+    assert distill.model_config(ctl, 2, 100).rope == distill.model_config(p1, 1, 100).rope
+    assert distill.model_config(ext, 2, 100).rope != distill.model_config(p1, 1, 100).rope
+    assert (ctl.loss, ctl.steps, ctl.lr, ctl.batch) == (ext.loss, ext.steps, ext.lr, ext.batch)

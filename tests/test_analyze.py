@@ -224,3 +224,55 @@ def test_cli_updates_refuses_models_of_different_size(ckpts, tiny_corpus_dir, ca
     assert analyze.main(["updates", ckpts["before"], ckpts["other"], "--data", tiny_corpus_dir]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "differ in size" in err and err.count("\n") == 1
+
+
+# ---- a perturbed span, read by distance; a control subtracted -----------------------------
+
+def test_a_span_perturbation_is_confined_to_the_span_and_read_after_it():
+    model, idx = tiny(), repeated()
+    T = idx.shape[1]
+    off = analyze.angle_offset(model.inv_freq, T, 5.0, "shift", start=10, stop=14)
+    assert off[10:14].all() and not off[:10].any() and not off[14:].any()
+    buckets = [(0, 8), (8, 16), (16, 32), (32, 64)]
+    (r,) = analyze.perturbation_trace(model, idx, [5.0], target="k", start=10, span=4, buckets=buckets)
+    # distances run from the span's last token (13): positions 14..59 are 1..46 back from it
+    assert list(r["kl_by_distance"]) == ["0-8", "8-16", "16-32", "32-64"]
+    assert all(v > 0 for v in r["kl_by_distance"].values())
+    (z,) = analyze.perturbation_trace(model, idx, [0.0], target="k", start=10, span=4, buckets=buckets)
+    assert all(v == 0 for v in z["kl_by_distance"].values())
+
+
+def test_subtracting_a_control_leaves_what_only_the_extension_moved():
+    before, after, control, idx = tiny(), tiny(), tiny(), repeated()
+    band_list = analyze.bands(8, 4)
+    lo, hi = band_list[3]
+    with torch.no_grad():
+        for m in (after, control):  # both move every W_q row of layer 0 by 10 % ...
+            m.blocks[0].attn.qkv.weight[:N_EMBD] *= 1.1
+        for ch in pair_channels(lo, hi):  # ... and the extension alone the slow band of head 0, layer 1
+            after.blocks[1].attn.qkv.weight[ch] *= 1.5
+    tab = analyze.update_tables(analyze.update_analysis(before, after, idx), band_list)
+    ctl = analyze.update_tables(analyze.update_analysis(before, control, idx), band_list)
+    ex = analyze.minus(tab, ctl)["layer_head_pair"]["W_q"]  # [L, H, P]
+    assert np.allclose(tab["layer_head_pair"]["W_q"][0], 0.1)  # the change both share ...
+    assert np.allclose(ex[0], 0) and np.allclose(ex[1, 1], 0)  # ... is gone beyond the control
+    assert np.allclose(ex[1, 0, lo:hi], 0.5) and np.allclose(ex[1, 0, :lo], 0)
+
+
+def test_cli_perturb_on_packed_documents_by_distance(ckpts, tiny_corpus_dir):
+    out = ckpts["dir"] / "perturb_packed.json"
+    rc = analyze.main(["perturb", ckpts["after"], "--input", "packed", "--start", "4", "--span", "8", "--target", "k",
+                       "--samples", "2", "--deltas", "8", "--data", tiny_corpus_dir, "--json", str(out)])
+    assert rc == 0
+    (r,) = json.load(open(out))["models"].values()
+    assert r["control"] is None and set(r["packed"][0]["kl_by_distance"]) == {"0-65"}  # short_len 64 = the window: one bucket
+    assert analyze.main(["perturb", ckpts["after"], "--span", "64", "--data", tiny_corpus_dir]) == 2
+
+
+def test_cli_updates_with_the_after_checkpoint_as_control_leaves_nothing(ckpts, tiny_corpus_dir):
+    out = ckpts["dir"] / "updates_control.json"
+    assert analyze.main(["updates", ckpts["before"], ckpts["after"], "--control", ckpts["after"], "--samples", "2",
+                         "--data", tiny_corpus_dir, "--json", str(out)]) == 0
+    res = json.load(open(out))
+    assert res["control"] == ckpts["after"] and np.allclose(res["excess_layer_head_pair"]["W_q"], 0)
+    assert np.array(res["layer_head_pair"]["W_q"]).max() > 0.09

@@ -134,7 +134,7 @@ def bad_cases(base, corpus, tmp):
         ("heads do not divide width", ["--phase", "2", *std, "--student_heads", "3"]),
         ("short window cannot hold a passkey", ["--phase", "1", "--force", *std, "--short_len", "16"]),
         ("other short window than phase 1", ["--phase", "2", *std, "--short_len", "56"]),
-        ("windows not increasing", ["--phase", "2", *std, "--windows", "48,40"]),
+        ("windows shrinking", ["--phase", "2", *std, "--windows", "48,40"]),
         ("too few windows", ["--phase", "3", *std, "--windows", "48,96"]),
         ("vocab cap too small", ["--phase", "0", "--force", *std, "--vocab_size", "20"]),
         ("key digits zero", ["--phase", "2", *std, "--key_digits", "0"]),

@@ -54,18 +54,25 @@ VARIANTS = {
     "kd-bound":     ["--rope", "bound"],                       # the smallest base meeting Men et al.'s bound per window
     "ce-bound":     ["--loss", "ce", "--rope", "bound"],
     "kd-yarn":      ["--rope", "yarn"],                        # phase 1's base, YaRN-stretched
+    "kd-pi":        ["--rope", "pi"],                          # ... position-interpolated
+    "kd-ntk":       ["--rope", "ntk"],                         # ... NTK-aware
     "kd-docmask":   ["--packing", "doc_mask"],                 # attention only within each document
     "ce-docmask":   ["--loss", "ce", "--packing", "doc_mask"],
     "kd-mismatch":  [],                                        # KD from --mismatch_teacher (document-masked)
     # positional skip-wise training (PoSE): rows of the short window whose positions skip across the long one
     "pose-kd":      ["--positions", "pose"],
     "pose-ce":      ["--loss", "ce", "--positions", "pose"],
+    # controls of the mechanistic analyses: the same steps at phase 1's own window and base (no extension),
+    # so that what an extension moves can be told from what any further training moves
+    "kd-control":   [],
+    "ce-control":   ["--loss", "ce"],
     # upper reference: long documents (what the method avoids), grown by a curriculum like the teacher's
     "ce-long":      ["--loss", "ce", "--data_mode", "long", "--curriculum", "0.6"],
 }
 # with phase 1, the predecessor's four rows -- and the other road from short data to the long window, PoSE, by CE and by KD
 HEADLINE = ("ce-long", "kd", "ce", "pose-kd", "pose-ce")
-OPTIONAL = ("kd+ce",)  # not in --matrix
+CONTROLS = ("kd-control", "ce-control")  # trained at the short window (extension_flags)
+OPTIONAL = ("kd+ce", *CONTROLS)  # not in --matrix
 # The defaults this bench had before its headline regime: each failure is a finding (README, "What we found").
 REGIMES = {
     "student-2x64": "--student_embd 64 --student_heads 4",            # 16-dim heads, 0.36 M parameters
@@ -136,8 +143,11 @@ def extension_flags(args, name, theta1):
     kept, whatever rule trained phase 1.
     """
     cmd = without_theta1(distill_args(args, 2) + VARIANTS[name])
-    rule = distill.parse_args(cmd).rope
-    return VARIANTS[name] if rule in ("phasewise", "bound") else [*VARIANTS[name], "--theta1", repr(theta1)], rule
+    parsed = distill.parse_args(cmd)
+    flags = VARIANTS[name] if parsed.rope in ("phasewise", "bound") else [*VARIANTS[name], "--theta1", repr(theta1)]
+    if name in CONTROLS:  # the last --windows wins: phase 2 at phase 1's window, so the same base too
+        flags = [*flags, "--windows", f"{parsed.short_len},{parsed.short_len}"]
+    return flags, parsed.rope
 
 
 def default_variants(args):

@@ -46,6 +46,7 @@ import torch
 
 import checkpoint
 import data
+import distill
 import eval_retrieval
 import rope
 
@@ -106,17 +107,30 @@ def repeated_text(corpus, period, window, samples, seed=0):
     return np.stack([np.tile(data.text_doc(corpus, rng, period, "val"), reps)[:window] for _ in range(samples)])
 
 
-def angle_offset(inv_freq, T, delta, mode="shift", start=0, pairs=None, seed=0):
+def packed_documents(corpus, window, samples, seed=0):
     """
-    Extra rotary angles [T, d/2]: non-zero only at positions >= start and on the pairs lo:hi
-    (all pairs when None).  shift: delta * w_i (a position shift by delta tokens, band-limited
+    GPT-2 ids [samples, window] of the student's own extension data: short documents of the default
+    mix (passkey, copy and text documents up to the short window) packed back to back, held-out text.
+    """
+    dargs = distill.parse_args(["--phase", "2"])
+    dargs.windows = [dargs.short_len, window]
+    sampler, _ = distill.sampler_for(dargs, corpus, 2, split="val")
+    rng = np.random.default_rng(seed)
+    return np.stack([data.pack(sampler, rng, window)[0] for _ in range(samples)]), dargs.short_len
+
+
+def angle_offset(inv_freq, T, delta, mode="shift", start=0, pairs=None, seed=0, stop=None):
+    """
+    Extra rotary angles [T, d/2]: non-zero only at positions start..stop-1 (stop None: to the end)
+    and on the pairs lo:hi (all pairs when None).  shift: delta * w_i (a position shift by delta tokens, band-limited
     when pairs are given); noise: delta * N(0, 1) radians per token and pair.
     """
     n = inv_freq.numel()
     lo, hi = pairs if pairs is not None else (0, n)
     mask = torch.zeros(n)
     mask[lo:hi] = 1.0
-    span = (torch.arange(T) >= start).float()[:, None]
+    t = torch.arange(T)
+    span = ((t >= start) & (t < (T if stop is None else stop))).float()[:, None]
     if mode == "shift":
         off = delta * inv_freq.detach().cpu().float()[None, :].expand(T, n)
     elif mode == "noise":
@@ -195,11 +209,15 @@ def span_means(values, start, n_buckets=4):
     return float(values[:, start:].mean()), [float(values[:, p].mean()) for p in parts]
 
 
-def perturbation_trace(model, idx, deltas, mode="shift", target="q", start=0, band=None, n_bands=4, seed=0):
+def perturbation_trace(model, idx, deltas, mode="shift", target="q", start=0, band=None, n_bands=4, seed=0,
+                       span=None, buckets=()):
     """
     Clean vs perturbed forwards of idx [B, T] for each delta.  Returns one dict per delta:
     {"delta", "layers": [{q, k, attn, resid, resid_by_quarter}, ...], "kl", "kl_by_quarter"}.
     Finding 2 predicts non-zero residual changes growing through the layers and a non-zero KL.
+    With span, only positions start..start+span-1 are perturbed, and "kl_by_distance" gives the
+    KL at the positions after that span by their distance d from its last token, d in [lo, hi) of
+    each bucket: does moving the positions of tokens d back still reach the output?
     """
     T = idx.shape[1]
     if not 0 <= start < T:
@@ -215,14 +233,20 @@ def perturbation_trace(model, idx, deltas, mode="shift", target="q", start=0, ba
     head = model.head_weight().detach()
     results = []
     for delta in deltas:
-        h1, tr1 = traced(model, idx, angle_offset(model.inv_freq, T, delta, mode, start, pairs, seed), target)
+        stop = None if span is None else start + span
+        h1, tr1 = traced(model, idx, angle_offset(model.inv_freq, T, delta, mode, start, pairs, seed, stop), target)
         layers = []
         for a, b in zip(tr0, tr1):
             row = {key: span_means(rel_change(a[key], b[key]), start)[0] for key in TRACE_KEYS}
             row["resid_by_quarter"] = span_means(rel_change(a["resid"], b["resid"]), start)[1]
             layers.append(row)
-        kl, kl_q = span_means(kl_per_token(h0, h1, head), start)
+        kl_tok = kl_per_token(h0, h1, head)
+        kl, kl_q = span_means(kl_tok, start)
         results.append({"delta": delta, "layers": layers, "kl": kl, "kl_by_quarter": kl_q})
+        if span is not None:
+            d = torch.arange(T) - (stop - 1)
+            results[-1]["kl_by_distance"] = {f"{lo}-{hi}": float(kl_tok[:, (d > 0) & (d >= lo) & (d < hi)].mean())
+                                             for lo, hi in buckets if ((d > 0) & (d >= lo) & (d < hi)).any()}
     return results
 
 
@@ -279,6 +303,19 @@ def update_analysis(m0, m1, idx0, idx1=None):
         out["q"][0].append(state_pair_sq(q1[layer] - q0[layer], H))
         out["q"][1].append(state_pair_sq(q0[layer], H))
     return {k: (np.stack(d), np.stack(b)) for k, (d, b) in out.items()}
+
+
+def update_tables(sq, band_list):
+    """Relative changes of update_analysis's output: per pair (all layers and heads), per layer x band and per
+    layer x head x pair, each {"W_q"|"W_k"|"q": array}."""
+    return {"per_pair": {k: relative(d, b, (0, 1)) for k, (d, b) in sq.items()},
+            "layer_band": {k: relative(by_band(d, band_list), by_band(b, band_list), 1) for k, (d, b) in sq.items()},
+            "layer_head_pair": {k: relative(d, b) for k, (d, b) in sq.items()}}
+
+
+def minus(a, b):
+    """a - b for every table of two update_tables outputs: what the extension moved beyond the control."""
+    return {t: {k: a[t][k] - b[t][k] for k in a[t]} for t in a}
 
 
 def by_band(sq, band_list):
@@ -408,34 +445,47 @@ def cmd_perturb(args):
     window = args.window or max(ck["window"] for _, _, _, ck in loaded)
     if not 0 <= args.start < window:
         raise UsageError(f"--start {args.start} is outside the {window}-token input")
+    if args.span is not None and not 1 <= args.span <= window - args.start - 1:
+        raise UsageError(f"--span {args.span} must leave tokens after it in the {window}-token input (from --start {args.start})")
     corpus = data.load_corpus(args.data)
-    ids = repeated_text(corpus, args.period, window, args.samples, args.seed)
+    if args.input == "repeated":
+        ids, short = repeated_text(corpus, args.period, window, args.samples, args.seed), args.period
+        what_in = f"{args.samples} x (BOS + {args.period - 1} held-out tokens) repeated to {window} tokens"
+    else:
+        ids, short = packed_documents(corpus, window, args.samples, args.seed)
+        what_in = f"{args.samples} windows of {window} tokens of the student's short documents (<= {short}), packed"
     deltas = [float(x) for x in args.deltas.split(",")]
     kw = dict(deltas=deltas, mode=args.mode, target=args.target, start=args.start, band=args.band,
-              n_bands=args.bands, seed=args.seed)
+              n_bands=args.bands, seed=args.seed, span=args.span, buckets=eval_retrieval.distance_buckets(short, window))
     what = (f"{args.mode} {args.target} by delta ({'tokens' if args.mode == 'shift' else 'radians'}) from position "
-            f"{args.start}, {'all pairs' if args.band is None else f'band {args.band} of {args.bands} only'}")
-    print(f"input: {args.samples} x (BOS + {args.period - 1} held-out tokens) repeated to {window} tokens; perturbation: {what}")
+            f"{args.start}{'' if args.span is None else f' for {args.span} tokens'}, "
+            f"{'all pairs' if args.band is None else f'band {args.band} of {args.bands} only'}")
+    print(f"input: {what_in}; perturbation: {what}")
     results = {}
     for path, model, vocab, ck in loaded:
         name = _name(path)
         idx = torch.from_numpy(vocab(ids)).to(args.device)
         packed = perturbation_trace(model, idx, **kw)
-        control = perturbation_trace(model, idx[:, :args.period], **kw) if args.start < args.period else None
+        control = (perturbation_trace(model, idx[:, :args.period], **{**kw, "span": None})
+                   if args.input == "repeated" and args.span is None and args.start < args.period else None)
         results[name] = {"phase": ck.get("phase"), "window": ck.get("window"), "rope": ck["model_config"]["rope"],
                          "lineage": ck.get("lineage"), "packed": packed, "control": control}
         print_perturbation(name, describe(ck, model), packed, control, window, args.period)
+        if args.span is not None:
+            print("KL at the output by distance from the perturbed span: " + "; ".join(
+                f"delta={r['delta']:g}: " + ", ".join(f"{k} {fmt(v, 0)}" for k, v in r["kl_by_distance"].items()) for r in packed))
+    has_control = any(r["control"] for r in results.values())
     if len(results) > 1:
-        print("\nsummary: KL(clean||perturbed) at the output, nats/token, packed" + (" | one copy" if args.start < args.period else ""))
+        print("\nsummary: KL(clean||perturbed) at the output, nats/token, packed" + (" | one copy" if has_control else ""))
         print(f"{'model':<28}" + "".join(f"{f'd={d:g}':>9}" for d in deltas) + ("  |" + "".join(f"{f'd={d:g}':>9}" for d in deltas)
-                                                                            if args.start < args.period else ""))
+                                                                            if has_control else ""))
         for name, r in results.items():
             line = f"{name[-28:]:<28}" + "".join(fmt(x["kl"], 9) for x in r["packed"])
             if r["control"]:
                 line += "  |" + "".join(fmt(x["kl"], 9) for x in r["control"])
             print(line)
     if args.json:
-        write_json(args.json, {"command": "python tools/analyze.py " + " ".join(sys.argv[1:]), "settings": {**{k: v for k, v in kw.items()}, "window": window,
+        write_json(args.json, {"command": "python tools/analyze.py " + " ".join(sys.argv[1:]), "settings": {**kw, "window": window, "input": args.input,
                                                                  "period": args.period, "samples": args.samples},
                                "models": results})
     if args.png:
@@ -443,16 +493,27 @@ def cmd_perturb(args):
     return 0
 
 
+def held_out_text(data_dir, length, samples, seed):
+    """GPT-2 ids [samples, length] of held-out text: the input of the query-state comparison."""
+    corpus = data.load_corpus(data_dir)
+    rng = np.random.default_rng(seed)
+    return np.stack([data.text_doc(corpus, rng, length, "val") for _ in range(samples)])
+
+
 def cmd_updates(args):
     (m0, v0, c0), (m1, v1, c1) = (checkpoint.load_model(p, args.device) for p in (args.before, args.after))
     check_same_shape(m0, m1)
     length = args.length or c0["window"]
-    corpus = data.load_corpus(args.data)
-    rng = np.random.default_rng(args.seed)
-    text = np.stack([data.text_doc(corpus, rng, length, "val") for _ in range(args.samples)])
-    sq = update_analysis(m0, m1, torch.from_numpy(v0(text)).to(args.device), torch.from_numpy(v1(text)).to(args.device))
+    text = held_out_text(args.data, length, args.samples, args.seed)
+    ids = lambda v: torch.from_numpy(v(text)).to(args.device)
+    sq = update_analysis(m0, m1, ids(v0), ids(v1))
     n_pairs = m0.cfg.head_dim // 2
     band_list = bands(n_pairs, args.bands)
+    tab = update_tables(sq, band_list)
+    if args.control:  # the same student trained as long without the extension: subtract what training alone moves
+        mc, vc, cc = checkpoint.load_model(args.control, args.device)
+        control = update_tables(update_analysis(m0, mc, ids(v0), ids(vc)), band_list)
+        excess = minus(tab, control)
     wl0, wl1 = rope.wavelengths(m0.inv_freq).tolist(), rope.wavelengths(m1.inv_freq).tolist()
 
     print(f"before: {_name(args.before)}: {describe(c0, m0)}, lineage {c0.get('lineage')}")
@@ -460,23 +521,27 @@ def cmd_updates(args):
     if v0 != v1:
         print("note: the two checkpoints use different vocabularies; each reads the same text in its own")
     print(f"query states: pre-rotation, {args.samples} held-out texts of {length} tokens")
-    per_pair = {k: relative(d, b, (0, 1)) for k, (d, b) in sq.items()}
+    per_pair = tab["per_pair"]
     w0, w1 = c0.get("window") or length, c1.get("window") or length
     print(f"\nper RoPE pair (all layers and heads): wavelength in tokens, turns over each phase's window "
           f"({w0} / {w1}), relative change")
     print(f"{'pair':>5}{'band':>5}{'wl before':>11}{'wl after':>10}{'turns bef':>10}{'turns aft':>10}"
-          + "".join(f"{k:>8}" for k in sq))
+          + "".join(f"{k:>8}" for k in sq) + ("  | minus the control's: " + "".join(f"{k:>8}" for k in sq) if args.control else ""))
     band_of = {i: b for b, (lo, hi) in enumerate(band_list) for i in range(lo, hi)}
     for i in range(n_pairs):
         print(f"{i:>5}{band_of[i]:>5}{wl0[i]:>11.4g}{wl1[i]:>10.4g}{w0 / wl0[i]:>10.3g}{w1 / wl1[i]:>10.3g}"
-              + "".join(fmt(per_pair[k][i]) for k in sq))
-    tables = {k: relative(by_band(d, band_list), by_band(b, band_list), 1) for k, (d, b) in sq.items()}  # [L, nb]
+              + "".join(fmt(per_pair[k][i]) for k in sq)
+              + ("  |" + " " * 20 + "".join(fmt(excess["per_pair"][k][i]) for k in sq) if args.control else ""))
+    tables = tab["layer_band"]  # [L, nb]
     print(f"\nrelative change per layer x band (band b = pairs lo-hi, 0 = fastest): "
           + ", ".join(f"b{j}={lo}-{hi - 1}" for j, (lo, hi) in enumerate(band_list)))
     print(f"{'layer':>5}" + "  |".join("".join(f"{f'{k}:b{j}':>8}" for j in range(len(band_list))) for k in tables))
     for layer in range(m0.cfg.n_layer):
         print(f"{layer:>5}" + "  |".join("".join(fmt(x) for x in tables[k][layer]) for k in tables))
     q_band = relative(by_band(sq["q"][0], band_list), by_band(sq["q"][1], band_list), (0, 1))
+    if args.control:
+        print(f"control: {_name(args.control)}: {describe(cc, mc)}; beyond it, per layer x band (query states): "
+              + "; ".join(f"L{l} " + " ".join(fmt(x, 0) for x in row) for l, row in enumerate(excess["layer_band"]["q"])))
     top = int(np.argmax(q_band))
     lo, hi = band_list[top]
     print(f"\nquery states moved most in band {top} (pairs {lo}-{hi - 1}, wavelength {wl0[lo]:.3g}-{wl0[hi - 1]:.3g} tokens "
@@ -488,9 +553,9 @@ def cmd_updates(args):
             "rope_before": c0["model_config"]["rope"], "rope_after": c1["model_config"]["rope"],
             "window_before": c0.get("window"), "window_after": c1.get("window"),
             "wavelength_before": wl0, "wavelength_after": wl1, "bands": band_list,
-            "per_pair": {k: v.tolist() for k, v in per_pair.items()},
-            "layer_band": {k: v.tolist() for k, v in tables.items()},
-            "layer_head_pair": {k: relative(d, b).tolist() for k, (d, b) in sq.items()}})
+            **{t: {k: v.tolist() for k, v in tab[t].items()} for t in tab},
+            **({"control": args.control, **{f"excess_{t}": {k: v.tolist() for k, v in excess[t].items()} for t in excess}}
+               if args.control else {})})
     if args.png:
         save_updates_png(args.png, tables, band_list)
     return 0
@@ -509,7 +574,11 @@ def parse_args(argv=None):
     a = sub.add_parser("perturb", help="positional perturbation of packed repeated input (finding 2)")
     a.add_argument("ckpts", nargs="+", help="checkpoints to compare (e.g. teacher and students)")
     a.add_argument("--window", type=int, default=None, help="input length (default: the largest checkpoint window)")
+    a.add_argument("--input", choices=("repeated", "packed"), default="repeated",
+                   help="packed repeated text (the paper's input) or the student's packed short documents")
     a.add_argument("--period", type=int, default=32, help="length of the repeated sequence, BOS included")
+    a.add_argument("--span", type=int, default=None, help="perturb only this many positions from --start; the KL "
+                   "is then also given by distance from that span")
     a.add_argument("--samples", type=int, default=4, help="different repeated sequences averaged over")
     a.add_argument("--deltas", default="1,4,16,64", help="perturbation sizes: tokens (shift) or radians (noise)")
     a.add_argument("--mode", choices=("shift", "noise"), default="shift")
@@ -521,6 +590,8 @@ def parse_args(argv=None):
     u = sub.add_parser("updates", help="per-RoPE-band change of W_q, W_k and query states (finding 3)")
     u.add_argument("before", help="checkpoint before the extension phase")
     u.add_argument("after", help="checkpoint after it (same model size)")
+    u.add_argument("--control", default=None, help="the before-checkpoint trained as many steps without the extension "
+                   "(same window and base): its change is subtracted, leaving what the extension alone moves")
     u.add_argument("--bands", type=int, default=4, help="number of frequency bands (fast .. slow)")
     u.add_argument("--length", type=int, default=None, help="held-out text length (default: the before-window)")
     u.add_argument("--samples", type=int, default=8, help="held-out texts")
