@@ -306,9 +306,11 @@ def update_analysis(m0, m1, idx0, idx1=None):
 
 
 def update_tables(sq, band_list):
-    """Relative changes of update_analysis's output: per pair (all layers and heads), per layer x band and per
-    layer x head x pair, each {"W_q"|"W_k"|"q": array}."""
+    """Relative changes of update_analysis's output: per pair and per band (all layers and heads), per layer x
+    pair and layer x band (heads together) and per layer x head x pair, each {"W_q"|"W_k"|"q": array}."""
     return {"per_pair": {k: relative(d, b, (0, 1)) for k, (d, b) in sq.items()},
+            "band": {k: relative(by_band(d, band_list), by_band(b, band_list), (0, 1)) for k, (d, b) in sq.items()},
+            "layer_pair": {k: relative(d, b, 1) for k, (d, b) in sq.items()},
             "layer_band": {k: relative(by_band(d, band_list), by_band(b, band_list), 1) for k, (d, b) in sq.items()},
             "layer_head_pair": {k: relative(d, b) for k, (d, b) in sq.items()}}
 
