@@ -212,6 +212,40 @@ def designs():
     return markdown(["file", "design (`--flags`)", "`kd`", "`ce`"], out)
 
 
+def predecessor_rows(path, labels):
+    """The predecessor's rows of one ablate file at key distance 0-64 / 64-256 / 256-512 (tools/README)."""
+    bold = {"kd": ("64-256", "256-512"), "ce": ("256-512",), "ce-long": ("256-512",)}
+    return markdown(["variant", "key distance 0-64", "64-256", "256-512"],
+                    [[label, *acc(path, v, "0-64", "64-256", "256-512", bold=bold.get(v, ())).split(" / ")]
+                     for v, label in labels.items()])
+
+
+def fixed_base_rows():
+    return predecessor_rows("results/headline/fixed_base.json", {
+        "teacher": "teacher (2x192, base 1e4, window 512)", "phase1": "phase 1 (lower reference)", "kd": "kd (short packed)",
+        "ce": "ce (short packed)", "ce-long": "ce-long (upper reference)"})
+
+
+def bound_base_rows():
+    return predecessor_rows("results/ablation.json", {"phase1": "phase 1 (base 168)", "kd": "kd (base 3,444)", "ce": "ce",
+                                                      "ce-long": "ce-long"})
+
+
+def bench_cpu():
+    """tools/bench.py's sweep: tokens/s of our step and the median [min-max] of the per-round ratios, per window."""
+    r = load("results/bench/kd_step_cpu.json")
+    ratio = lambda x, bold=False: (f"**{x['median']:.2f}x**" if bold else f"{x['median']:.2f}x") + f" [{x['min']:.2f}-{x['max']:.2f}]"  # noqa: E731
+    rows = []
+    for w, n in zip(r["config"]["windows"], r["config"]["rows"]):
+        x = r["ratios_by_window"][str(w)]
+        tok = next(s["tok_s"] for s in r["sweep"] if s["window"] == w and s["variant"] == "ours")
+        name = f"{w} x {n}" + {64: " (phase 1)", 256: " (phase 2)"}.get(w, "")
+        head = w in r["headline_windows"]
+        rows.append([name, f"{tok:,.0f}", ratio(x["ours/naive"]), ratio(x["naive/transformers"]),
+                     ratio(x["ours/transformers"], head), f"{x['ceiling']['median']:.2f}x"])
+    return markdown(["window x rows", "ours tokens/s", "ours/naive", "naive/transformers", "ours/transformers", "ceiling"], rows)
+
+
 HYPOTHESES = {  # what each configuration of results/long_range/summary.json tried
     "baseline": "baseline: today's defaults, the one command",
     "headline-3-seeds": "the headline, 3 seeds (`../ablation.json`; a teacher of the same recipe from another machine)",
@@ -243,7 +277,8 @@ def long_range_hypotheses():
 
 TABLES = {"quickstart": quickstart, "spread": spread, "roads": roads, "roads_attention": roads_attention, "headline": headline, "rope_rules": rope_rules,
           "budget": budget, "head_dim": head_dim, "data_mix": data_mix, "designs": designs,
-          "long_range_hypotheses": long_range_hypotheses}
+          "long_range_hypotheses": long_range_hypotheses, "fixed_base_rows": fixed_base_rows, "bound_base_rows": bound_base_rows,
+          "bench_cpu": bench_cpu}
 TABLE = re.compile(r"(<!-- table: (\S+) -->\n)(.*?)(<!-- /table -->)", re.S)
 COMMANDS = re.compile(r"(<!-- commands -->\n)(.*?)(<!-- /commands -->)", re.S)
 
