@@ -80,7 +80,8 @@ def band_verdict(band):
 
 # ---- finding 1 -------------------------------------------------------------------------------
 
-def finding1(paths):
+def finding1(paths, ckpt):
+    """ckpt(variant, seed): a run's checkpoint, whose RoPE (rule, base, scale) the table names."""
     r = roads.pooled_files(paths)
     rows, score = [], {}
     for variant, rule in SCHEDULES.items():
@@ -90,7 +91,9 @@ def finding1(paths):
         row = roads.road(variant, rule, r, variant)
         per_seed = [roads.long_range.pooled([c], SCORE[0][0], SCORE[-1][1]) for c in cells]
         score[rule] = spread(per_seed)
-        rows.append({"rule": rule, "variant": variant, "seeds": row["seeds"], "acc_by_distance": row["acc_by_distance"],
+        first = int(next(k for k in r["cells"] if k.rsplit("-s", 1)[0] == variant).rsplit("-s", 1)[1])
+        rows.append({"rule": rule, "variant": variant, "seeds": row["seeds"], "rope": checkpoint.load(ckpt(variant, first))["model_config"]["rope"],
+                     "acc_by_distance": row["acc_by_distance"],
                      "acc_range": row["acc_range"], "text_acc_by_distance": row["text_acc_by_distance"],
                      "reach": row["reach"], "score_128_512": score[rule]})
     ce_long = roads.road("ce-long", "bound", r, "ce-long") if roads.ablate.seed_cells(r["cells"], "ce-long") else None
@@ -265,7 +268,7 @@ def main(argv=None):
     if missing:
         sys.exit(f"error: {len(missing)} checkpoints missing, first {missing[0]} (train them: see --help)")
     torch.set_grad_enabled(False)
-    f1 = finding1(args.schedules.split(","))
+    f1 = {**finding1(args.schedules.split(","), ckpt), "phase1_rope": checkpoint.load(args.init)["model_config"]["rope"]}
     models = {"teacher": [args.teacher], "phase1": [args.init], **{r: [ckpt(r, s) for s in seeds] for r in ROADS}}
     f2 = finding2(models, args.data, checkpoint.load(args.teacher)["window"], args.samples)
     f3 = finding3(args.init, ckpt, seeds, args.data, args.samples, args.bands)

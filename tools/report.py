@@ -246,6 +246,93 @@ def bench_cpu():
     return markdown(["window x rows", "ours tokens/s", "ours/naive", "naive/transformers", "ours/transformers", "ceiling"], rows)
 
 
+# ---- results/analyses: the paper's three findings (tools/findings.py) -------------------------
+
+RULES = {"bound": "bound: a new base per window, the smallest meeting the RoPE-base bound",
+         "phasewise": "the paper's phase-wise formula as we read it (one turn of the slowest pair per window)",
+         "fixed": "fixed: phase 1's base kept", "pi": "PI: phase 1's base, positions interpolated",
+         "ntk": "NTK-aware: phase 1's base stretched", "yarn": "YaRN: phase 1's base stretched per band"}
+
+
+def spread3(x, bold=False):
+    """'mean (min-max)' of a findings.spread dict, 2 decimals (one number where the seeds agree)."""
+    m = f"**{x['mean']:.2f}**" if bold else f"{x['mean']:.2f}"
+    return m if f"{x['min']:.2f}" == f"{x['max']:.2f}" else f"{m} ({x['min']:.2f}-{x['max']:.2f})"
+
+
+def bucket(x, k):
+    """A roads-style entry's seed mean (min-max) in key-distance bucket k; '-' without prompts there."""
+    r = x["acc_range"][k]
+    return "-" if r is None else spread3({"mean": x["acc_by_distance"][k], "min": r[0], "max": r[1]})
+
+
+def rope_schedules():
+    """Finding 1: the KD extension under each base schedule, by key distance; ce-long under the bound beside it."""
+    f = load("results/analyses/summary.json")["finding1"]
+    rows = []
+    for x in f["rules"]:
+        base = x["rope"]["theta"] if x["rule"] in ("bound", "phasewise", "fixed") else None
+        name = RULES[x["rule"]] + (f", {base:,.0f}" if base else f" x{x['rope']['scale']:g}")
+        rows.append([name + f" (`{x['variant']}`)", str(x["seeds"]), *(bucket(x, k) for k in BUCKETS),
+                     spread3(x["score_128_512"], bold=x["rule"] == f["best_rule"])])
+    c = f["ce_long_bound"]
+    if c:
+        rows.append(["`ce-long` under the bound (upper reference)", str(c["seeds"]), *(bucket(c, k) for k in BUCKETS), "-"])
+    return markdown(["extension schedule (phase 1: bound, base " + f"{f['phase1_rope']['theta']:,.0f})", "seeds", *BUCKETS, "128-512 (score)"], rows)
+
+
+def query_updates():
+    """Finding 3: the query states' change per band beyond the control, per road, with the verdict."""
+    f = load("results/analyses/query_updates.json")
+    wl0, wl1 = f["wavelength_before"], f["wavelength_after"]
+    head = ["road (control)", "verdict"] + [f"pairs {lo}-{hi - 1} ({wl0[lo]:,.0f}-{wl0[hi - 1]:,.0f} → {wl1[lo]:,.0f}-{wl1[hi - 1]:,.0f} tokens)"
+                                            for lo, hi in f["bands"]]
+    rows = []
+    for road, x in f["roads"].items():
+        ex = x["band_excess"]
+        top = x["top_band_per_seed"][0] if x["verdict"] == "reproduced" else None
+        rows.append([f"`{road}` (`{x['control']}`)", x["verdict"],
+                     *(spread3({k: ex[k][j] for k in ex}, bold=j == top) for j in range(len(f["bands"])))])
+    return markdown(head, rows)
+
+
+def perturbation():
+    """Finding 2: where a positional perturbation reaches, per model (students: seed mean)."""
+    f = load("results/analyses/perturbation.json")
+    i1, i16 = f["deltas"].index(1.0), f["deltas"].index(16.0)
+    rows = []
+    for name, x in f["models"].items():
+        kl = lambda inp, i: f"{x[inp]['kl']['mean'][i]:.3f}"  # noqa: E731
+        resid = x["repeated"]["resid"]["mean"][i16]
+        dist = x["documents"]["kl_by_distance"]
+        rows.append([f"`{name}`" + (f" ({x['seeds']} seeds)" if x["seeds"] > 1 else ""), f"{kl('repeated', i1)} / {kl('repeated', i16)}",
+                     f"{kl('documents', i1)} / {kl('documents', i16)}", " → ".join(f"{v:.2f}" for v in resid),
+                     " / ".join(f"{v['mean']:.1e}" for v in dist.values())])
+    d = " / ".join(k.replace("-513", "-512") for k in next(iter(f["models"].values()))["documents"]["kl_by_distance"])
+    return markdown(["model", "KL, q shifted 1 / 16: repeated text", "packed documents", "residual change by layer (repeated, 16)",
+                     f"KL by distance from a moved span, {d}"], rows)
+
+
+def findings():
+    """The three verdicts and the numbers behind each."""
+    s = load("results/analyses/summary.json")
+    f1, f2, f3 = s["finding1"], s["finding2"], s["finding3"]
+    score = {x["rule"]: x["score_128_512"] for x in f1["rules"]}
+    runner = max((r for r in score if r != f1["best_rule"]), key=lambda r: score[r]["mean"])
+    kd = f3["by_road"]["kd"]
+    lo, hi = f3["kd_top_band"]["pairs"]
+    rows = [["1: phase-wise RoPE scaling is best for KD", f"**{f1['verdict']}**", str(f1["seeds"]),
+             f"best at 128-512: {f1['best_rule']} {spread3(score[f1['best_rule']])}, next {runner} {spread3(score[runner])}"],
+            ["2: q/k perturbations reach the logits", f"**{f2['verdict']}**", str(f2["seeds"]),
+             f"teacher, q shifted 16 on packed repeated text: KL {f2['teacher_kl_shift16']:.3f} nats/token, residual change "
+             + " → ".join(f"{v:.2f}" for v in f2["teacher_resid_by_layer_shift16"])],
+            ["3: the extension updates the query states in a structured way", f"**{f3['verdict']}**", str(f3["seeds"]),
+             f"`kd` beyond `{kd['control']}`: pairs {lo}-{hi} most in seeds {kd['top_band_per_seed']}; "
+             + ", ".join(f"{r} {x['verdict']}" for r, x in f3["by_road"].items() if r != "kd")
+             + f"; per-pair profile of `kd` vs `ce-long`: r = {f3['kd_vs_ce_long_pair_correlation']:.2f}"]]
+    return markdown(["the paper's finding", "at toy scale", "seeds", "the numbers behind it"], rows)
+
+
 HYPOTHESES = {  # what each configuration of results/long_range/summary.json tried
     "baseline": "baseline: today's defaults, the one command",
     "headline-3-seeds": "the headline, 3 seeds (`../ablation.json`; a teacher of the same recipe from another machine)",
@@ -278,7 +365,8 @@ def long_range_hypotheses():
 TABLES = {"quickstart": quickstart, "spread": spread, "roads": roads, "roads_attention": roads_attention, "headline": headline, "rope_rules": rope_rules,
           "budget": budget, "head_dim": head_dim, "data_mix": data_mix, "designs": designs,
           "long_range_hypotheses": long_range_hypotheses, "fixed_base_rows": fixed_base_rows, "bound_base_rows": bound_base_rows,
-          "bench_cpu": bench_cpu}
+          "bench_cpu": bench_cpu, "findings": findings, "rope_schedules": rope_schedules, "query_updates": query_updates,
+          "perturbation": perturbation}
 TABLE = re.compile(r"(<!-- table: (\S+) -->\n)(.*?)(<!-- /table -->)", re.S)
 COMMANDS = re.compile(r"(<!-- commands -->\n)(.*?)(<!-- /commands -->)", re.S)
 
