@@ -16,6 +16,8 @@ def test_finding1_needs_a_lead_beyond_the_seed_spread():
     assert findings.schedule_verdict({"bound": spread(0.5, 0.6), "fixed": spread(0.2, 0.4)}) == ("reproduced", "bound")
     assert findings.schedule_verdict({"bound": spread(0.2, 0.3), "yarn": spread(0.5, 0.6)}) == ("reversed", "yarn")
     assert findings.schedule_verdict({"bound": spread(0.5, 0.6), "ntk": spread(0.3, 0.55)}) == ("not reproduced", "bound")
+    with pytest.raises(ValueError, match="compares base schedules"):
+        findings.schedule_verdict({"bound": spread(0.5, 0.6)})
 
 
 def test_finding3_needs_one_band_ahead_in_every_seed():

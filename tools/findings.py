@@ -62,6 +62,8 @@ def spread(values):
 
 def schedule_verdict(score):
     """(verdict of finding 1, best rule) from each rule's per-seed score spread."""
+    if len(score) < 2:
+        raise ValueError(f"finding 1 compares base schedules: {len(score)} found in the --schedules files")
     best = max(score, key=lambda k: score[k]["mean"])
     if not all(score[best]["min"] > s["max"] for k, s in score.items() if k != best):
         return "not reproduced", best  # the best rule's lead is within the seed spread
@@ -224,8 +226,8 @@ def save_perturbation_png(path, f2):
         resid = x["repeated"]["resid"]["mean"][i16]
         a.plot(range(len(resid)), resid, marker="o", label=name)
         kd = x["documents"]["kl_by_distance"]
-        b.plot(list(kd), [v["mean"] for v in kd.values()], marker="o", label=name)
-    a.set_xlabel("layer", fontsize=7)
+        b.plot([k.replace("-513", "-512") for k in kd], [v["mean"] for v in kd.values()], marker="o", label=name)
+    a.set_xticks(range(len(resid)), [f"layer {i}" for i in range(len(resid))], fontsize=7)
     a.set_ylabel("rel. change of residual (q shifted 16)", fontsize=7)
     a.set_title("packed repeated text", fontsize=8)
     b.set_yscale("log")

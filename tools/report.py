@@ -289,11 +289,14 @@ def query_updates():
                                             for lo, hi in f["bands"]]
     rows = []
     for road, x in f["roads"].items():
-        ex = x["band_excess"]
+        ex, raw = x["band_excess"], x["band_change"]["mean"]
         top = x["top_band_per_seed"][0] if x["verdict"] == "reproduced" else None
+        j_raw = int(max(range(len(raw)), key=raw.__getitem__))
+        lo, hi = f["bands"][j_raw]
         rows.append([f"`{road}` (`{x['control']}`)", x["verdict"],
-                     *(spread3({k: ex[k][j] for k in ex}, bold=j == top) for j in range(len(f["bands"])))])
-    return markdown(head, rows)
+                     *(spread3({k: ex[k][j] for k in ex}, bold=j == top) for j in range(len(f["bands"]))),
+                     f"pairs {lo}-{hi - 1}: {raw[j_raw]:.2f}"])
+    return markdown(head + ["largest change without the control"], rows)
 
 
 def perturbation():
@@ -321,15 +324,20 @@ def findings():
     runner = max((r for r in score if r != f1["best_rule"]), key=lambda r: score[r]["mean"])
     kd = f3["by_road"]["kd"]
     lo, hi = f3["kd_top_band"]["pairs"]
+    wl0, wl1 = f3["kd_top_band"]["wavelength_before"], f3["kd_top_band"]["wavelength_after"]
+    ex = kd["band_excess"]
+    j = kd["top_band_per_seed"][0]
+    others = [m for i, m in enumerate(ex["mean"]) if i != j]
     rows = [["1: phase-wise RoPE scaling is best for KD", f"**{f1['verdict']}**", str(f1["seeds"]),
              f"best at 128-512: {f1['best_rule']} {spread3(score[f1['best_rule']])}, next {runner} {spread3(score[runner])}"],
             ["2: q/k perturbations reach the logits", f"**{f2['verdict']}**", str(f2["seeds"]),
              f"teacher, q shifted 16 on packed repeated text: KL {f2['teacher_kl_shift16']:.3f} nats/token, residual change "
              + " → ".join(f"{v:.2f}" for v in f2["teacher_resid_by_layer_shift16"])],
             ["3: the extension updates the query states in a structured way", f"**{f3['verdict']}**", str(f3["seeds"]),
-             f"`kd` beyond `{kd['control']}`: pairs {lo}-{hi} most in seeds {kd['top_band_per_seed']}; "
-             + ", ".join(f"{r} {x['verdict']}" for r, x in f3["by_road"].items() if r != "kd")
-             + f"; per-pair profile of `kd` vs `ce-long`: r = {f3['kd_vs_ce_long_pair_correlation']:.2f}"]]
+             f"`kd` beyond `{kd['control']}`: pairs {lo}-{hi} (wavelength {wl0[0]:,.0f}-{wl0[1]:,.0f} → {wl1[0]:,.0f}-{wl1[1]:,.0f} "
+             f"tokens) in every seed, {spread3({k: ex[k][j] for k in ex})} against {min(others):.2f}-{max(others):.2f}; the other roads: "
+             + ", ".join(f"`{r}` {x['verdict']}" for r, x in f3["by_road"].items() if r != "kd")
+             + f"; `kd` vs `ce-long` pair by pair: r = {f3['kd_vs_ce_long_pair_correlation']:.2f}"]]
     return markdown(["the paper's finding", "at toy scale", "seeds", "the numbers behind it"], rows)
 
 
