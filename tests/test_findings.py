@@ -45,5 +45,10 @@ def test_the_whole_path_on_smoke_runs(tmp_path):
     p = json.loads((out / "perturbation.json").read_text())["models"]
     assert set(p) == {"teacher", "phase1", *findings.ROADS}
     assert set(p["kd"]["documents"]["kl_by_distance"]) == {"0-64", "64-128", "128-256", "256-513"}
+    import roads  # the controls as roads.py sees them: trained in rows of phase 1's window
+    assert roads.main([str(tmp_path / "a.json"), "--out", str(tmp_path / "roads.json")]) == 0
+    r = {x["name"]: x for x in json.loads((tmp_path / "roads.json").read_text())["roads"]}
+    assert r["kd-control"]["attention_gflop_per_step"] == pytest.approx(r["pose-kd"]["attention_gflop_per_step"])
+    assert r["ce-control"]["attention_gflop_per_step"] * 8 == pytest.approx(r["ce"]["attention_gflop_per_step"])
     with pytest.raises(SystemExit, match="checkpoints missing"):
         findings.main([*argv[:-2], "--runs", str(tmp_path / "nothing")])

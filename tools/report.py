@@ -90,7 +90,7 @@ def roads():
     """The roads from short data to the long window (tools/roads.py -> results/roads/summary.json)."""
     r = load("results/roads/summary.json")
     rows = []
-    for road in r["roads"]:
+    for road in (x for x in r["roads"] if not x["name"].endswith("-control")):  # the controls: roads_price
         def cell(key, rng):  # a bucket no prompt fell into has mean and range None
             mean, span = road[key][rng], road[key.replace("acc_by_distance", "acc_range")][rng]
             return "-" if mean is None else f"{mean:.2f}" if span[1] - span[0] < 0.005 else f"{mean:.2f} ({span[0]:.2f}-{span[1]:.2f})"
@@ -104,6 +104,16 @@ def roads():
     return markdown(["road", "seeds", "filler haystack: 0-64 / 64-128 / 128-256 / 256-512",
                      "held-out text haystack: the same", "reach (filler)", "short text loss", "passkey at 64",
                      "tokens trained", "attention GFLOP / step", "minutes per run"], rows)
+
+
+def roads_price():
+    """The short-context price of each road beside what the same steps without an extension do (the controls)."""
+    r = load("results/roads/summary.json")
+    q = lambda x: " / ".join(f"{v:.2f}" for v in x["text_loss_by_quarter"])  # noqa: E731
+    return markdown(["model", "seeds", "held-out loss over 64-token windows", "passkey at length 64",
+                     "held-out loss by quarter of the 512 window"],
+                    [[x["label"], str(x["seeds"]), f2(x["short_text_loss"]), f2(x["short_passkey_acc"]), q(x)]
+                     for x in r["roads"] if x["name"] != "teacher" and "/" not in x["name"]])
 
 
 def roads_attention():
@@ -370,7 +380,7 @@ def long_range_hypotheses():
                      "KD's reach"], out)
 
 
-TABLES = {"quickstart": quickstart, "spread": spread, "roads": roads, "roads_attention": roads_attention, "headline": headline, "rope_rules": rope_rules,
+TABLES = {"quickstart": quickstart, "spread": spread, "roads": roads, "roads_price": roads_price, "roads_attention": roads_attention, "headline": headline, "rope_rules": rope_rules,
           "budget": budget, "head_dim": head_dim, "data_mix": data_mix, "designs": designs,
           "long_range_hypotheses": long_range_hypotheses, "fixed_base_rows": fixed_base_rows, "bound_base_rows": bound_base_rows,
           "bench_cpu": bench_cpu, "findings": findings, "rope_schedules": rope_schedules, "query_updates": query_updates,

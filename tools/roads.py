@@ -5,7 +5,8 @@ and their short-context price -- one summary (and figure) of tools/ablate.py res
     python tools/roads.py DEFAULT.json [MORE.json] [--also STRONG.json] [--attention ATT.json] --out results/roads/summary.json
 
 DEFAULT.json [MORE.json ...]: ablate runs of the default teacher and phase 1 with the variants kd, ce, ce-long,
-pose-kd, pose-ce (phase 1 and the teacher come with the first; several files are pooled); --also: further ablate runs (another teacher or phase 1,
+pose-kd, pose-ce and the controls kd-control, ce-control (phase 1 and the teacher come with the first; several
+files are pooled); --also: further ablate runs (another teacher or phase 1,
 e.g. the strongest KD configuration of results/long_range), each variant a road named FILE-STEM/VARIANT.
 Per road: passkey exact match by key distance in two haystacks (the eval's filler and held-out text), seed
 means and min-max, the reach (largest key distance, to half a document, still retrieved >= 0.5, filler),
@@ -33,7 +34,9 @@ BUCKETS = ((0, 64), (64, 128), (128, 256), (256, 512))
 LABELS = {"teacher": "the teacher (long documents, window 512)", "phase1": "phase 1 alone (lower reference)",
           "ce-long": "CE on real long documents (upper reference)", "kd": "KD on packed short documents",
           "ce": "CE on packed short documents", "pose-kd": "KD on short rows with skipped positions (PoSE)",
-          "pose-ce": "CE on short rows with skipped positions (PoSE)"}
+          "pose-ce": "CE on short rows with skipped positions (PoSE)",
+          # the same steps at phase 1's own window and base: what training alone does to the short context
+          "kd-control": "control: KD at phase 1's window, no extension", "ce-control": "control: CE at phase 1's window, no extension"}
 
 
 def f2(x):
@@ -48,7 +51,7 @@ def step_cost(setup, variant):
     args = distill.parse_args(["--phase", "2", *setup["flags"].split(), *ablate.VARIANTS.get(variant, []),
                                "--batch", str(setup["batch"]), "--windows", f"{short},{window}"])
     tokens = distill.rows_of(args, 2) * window  # PoSE: the same tokens in rows of the short window
-    T = short if args.positions == "pose" else window
+    T = short if args.positions == "pose" or variant in ablate.CONTROLS else window
     per_row = lambda layers, width: 4 * T * T * width * layers  # noqa: E731
     flops = 3 * per_row(args.student_layers, args.student_embd)
     if distill.uses_teacher(args, 2):
@@ -95,8 +98,7 @@ def pooled_files(paths):
 
 def summarise(default, also=(), attention=None, untimed=()):
     r = pooled_files(default)
-    roads = [road(v, LABELS[v], r, v, untimed) for v in ("teacher", "phase1", "ce-long", "kd", "ce", "pose-kd", "pose-ce")
-             if ablate.seed_cells(r["cells"], v)]
+    roads = [road(v, LABELS[v], r, v, untimed) for v in LABELS if ablate.seed_cells(r["cells"], v)]
     for path in also:
         ra, stem = load(path), os.path.splitext(os.path.basename(path))[0]
         roads += [road(f"{stem}/{v}", f"{LABELS[v]}: {stem.replace('_', ', ')}", ra, v) for v in ra["variants"]
@@ -126,7 +128,7 @@ def plot(s, png):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     keys = [f"{lo}-{hi}" for lo, hi in BUCKETS]
     for ax, key, title in ((axes[0], "acc", "the eval's filler haystack"), (axes[1], "text_acc", "held-out text haystack")):
-        for i, x in enumerate(s["roads"]):
+        for i, x in enumerate(x for x in s["roads"] if not x["name"].endswith("-control")):
             mean = np.array([np.nan if x[f"{key}_by_distance"][k] is None else x[f"{key}_by_distance"][k] for k in keys])
             lo, hi = (np.array([np.nan if x[f"{key}_range"][k] is None else x[f"{key}_range"][k][j] for k in keys]) for j in (0, 1))
             with warnings.catch_warnings():
