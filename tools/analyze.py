@@ -2,7 +2,9 @@
 Two analyses of the paper's mechanism claims (arXiv 2604.06070), on any checkpoints distill.py writes.
 
     python tools/analyze.py perturb out/phase0.pt out/phase1.pt out/phase2.pt [--deltas 1,4,16,64] [--json J] [--png P]
-    python tools/analyze.py updates out/phase1.pt out/phase2.pt [--bands 4] [--json J] [--png P]
+    python tools/analyze.py updates out/phase1.pt out/phase2.pt [--control C] [--bands 4] [--json J] [--png P]
+
+(tools/findings.py runs both over the roads' seeds and states each finding's verdict.)
 
 perturb -- finding 2, "positional information travels in the logits".
     Input: a short piece of held-out text (BOS + period-1 tokens) repeated back to back to fill the
@@ -19,7 +21,9 @@ perturb -- finding 2, "positional information travels in the logits".
     tokens, and per quarter of that span (distance into the window).  Control: the same
     measurement on one unpacked copy of the sequence.  If a teacher's output moves when only the
     positions of a repeated input move, its soft targets carry position: what distillation on
-    short packed data could hand on to the student.
+    short packed data could hand on to the student.  --input packed: the student's own packed
+    short documents instead.  --span N: only positions start..start+N-1 are perturbed, and the KL
+    is also given by distance from that span -- how far back position still reaches the output.
 
 updates -- finding 3, "structured query updates".
     Two checkpoints of one model (before / after an extension phase).  Per layer, head and RoPE
@@ -28,6 +32,9 @@ updates -- finding 3, "structured query updates".
     change of theta alone does not count as a change of the state) on held-out text.  Pairs are
     grouped into bands from fast (pair 0) to slow; the wavelength of every pair before and after is
     printed next to its change, so band movement can be read against the theta change.
+    --control C: the before-checkpoint trained as many steps without the extension (tools/ablate.py's
+    kd-control / ce-control); its change is subtracted, so what remains is what the extension moved
+    beyond what any further training moves.
 
 Both print compact tables, write everything as JSON (--json) and, with matplotlib installed, a
 figure (--png).  Bad input is one line "error: ..." on stderr and exit code 2.
