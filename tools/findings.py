@@ -117,7 +117,8 @@ def perturbations(model, vocab, inputs, short):
         trace = analyze.perturbation_trace(model, idx, list(DELTAS), target="q")
         span = analyze.perturbation_trace(model, idx, [SPAN["delta"]], target=SPAN["target"], start=SPAN["start"],
                                           span=SPAN["span"], buckets=eval_retrieval.distance_buckets(short, idx.shape[1]))[0]
-        out[name] = {"kl": [r["kl"] for r in trace], "resid": [[x["resid"] for x in r["layers"]] for r in trace],
+        out[name] = {"kl": [r["kl"] for r in trace], "kl_by_quarter": [r["kl_by_quarter"] for r in trace],
+                     "resid": [[x["resid"] for x in r["layers"]] for r in trace],
                      "kl_by_distance": span["kl_by_distance"]}
     return out
 
