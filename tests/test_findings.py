@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import ablate
 import findings
@@ -36,6 +37,7 @@ def test_the_whole_path_on_smoke_runs(tmp_path):
     argv = ["--runs", str(runs), "--teacher", str(runs / "shared/phase0.pt"), "--init", str(runs / "shared/phase1.pt"),
             "--seeds", "0", "--schedules", str(tmp_path / "a.json"), "--samples", "2", "--out", str(out)]
     assert findings.main(argv) == 0
+    assert torch.is_grad_enabled()  # the analyses ran without gradients, and left them on for whoever runs next
     s = json.loads((out / "summary.json").read_text())
     assert {s[f]["verdict"] for f in ("finding1", "finding2", "finding3")} <= {"reproduced", "not reproduced", "reversed"}
     assert [r["rule"] for r in s["finding1"]["rules"]] == ["bound", "fixed", "yarn"]

@@ -270,18 +270,22 @@ def main(argv=None):
                if not os.path.exists(p)]
     if missing:
         sys.exit(f"error: {len(missing)} checkpoints missing, first {missing[0]} (train them: see --help)")
-    torch.set_grad_enabled(False)
+    command = "python tools/findings.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    with torch.no_grad():  # a context, not a global switch: tests call main() in their own process
+        return run(args, seeds, ckpt, command.strip())
+
+
+def run(args, seeds, ckpt, command):
     f1 = {**finding1(args.schedules.split(","), ckpt), "phase1_rope": checkpoint.load(args.init)["model_config"]["rope"]}
     models = {"teacher": [args.teacher], "phase1": [args.init], **{r: [ckpt(r, s) for s in seeds] for r in ROADS}}
     f2 = finding2(models, args.data, checkpoint.load(args.teacher)["window"], args.samples)
     f3 = finding3(args.init, ckpt, seeds, args.data, args.samples, args.bands)
     os.makedirs(args.out, exist_ok=True)
-    command = "python tools/findings.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write(os.path.join(args.out, "perturbation.json"), {"command": command.strip(), **f2})
-    write(os.path.join(args.out, "query_updates.json"), {"command": command.strip(), **f3})
+    write(os.path.join(args.out, "perturbation.json"), {"command": command, **f2})
+    write(os.path.join(args.out, "query_updates.json"), {"command": command, **f3})
     slim = lambda f: {k: v for k, v in f.items() if k not in ("models", "roads")}  # noqa: E731
     write(os.path.join(args.out, "summary.json"), {
-        "command": command.strip(), "machine": checkpoint.load(ckpt("kd", seeds[0])).get("machine"),
+        "command": command, "machine": checkpoint.load(ckpt("kd", seeds[0])).get("machine"),
         "finding1": f1, "finding2": slim(f2), "finding3": {**slim(f3), "by_road": {
             r: {k: x[k] for k in ("control", "verdict", "top_band_per_seed", "band_excess", "top_pairs")} for r, x in f3["roads"].items()}}})
     save_updates_png(os.path.join(args.out, "query_updates.png"), f3)
