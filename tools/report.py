@@ -86,11 +86,12 @@ def quickstart():
             f"min, phase 2 {t[2]:.1f} min.")
 
 
-def roads():
-    """The roads from short data to the long window (tools/roads.py -> results/roads/summary.json)."""
+def roads(also=False):
+    """The roads from short data to the long window (tools/roads.py -> results/roads/summary.json): those from the
+    default teacher and phase 1, or (also) those of another setup, named FILE/VARIANT."""
     r = load("results/roads/summary.json")
-    rows = []
-    for road in (x for x in r["roads"] if not x["name"].endswith("-control")):  # the controls: roads_price
+    rows, chosen = [], [x for x in r["roads"] if not x["name"].endswith("-control") and ("/" in x["name"]) == also]
+    for road in chosen:
         def cell(key, rng):  # a bucket no prompt fell into has mean and range None
             mean, span = road[key][rng], road[key.replace("acc_by_distance", "acc_range")][rng]
             return "-" if mean is None else f"{mean:.2f}" if span[1] - span[0] < 0.005 else f"{mean:.2f} ({span[0]:.2f}-{span[1]:.2f})"
@@ -102,8 +103,13 @@ def roads():
                        (f"{road['tokens'] / 1e6:.1f} M", f"{road['attention_gflop_per_step']:.1f}")),
                      "-" if road["wall_min"] is None else f"{road['wall_min']:.1f}"])
     return markdown(["road", "seeds", "filler haystack: 0-64 / 64-128 / 128-256 / 256-512",
-                     "held-out text haystack: the same", "reach (filler)", "short text loss", "passkey at 64",
+                     "held-out text haystack: the same", "reach (filler)", "short text loss",
+                     f"passkey at {chosen[0]['short_len']}",
                      "tokens trained", "attention GFLOP / step", "minutes per run"], rows)
+
+
+def roads_strongest():
+    return roads(also=True)
 
 
 def roads_price():
@@ -380,7 +386,7 @@ def long_range_hypotheses():
                      "KD's reach"], out)
 
 
-TABLES = {"quickstart": quickstart, "spread": spread, "roads": roads, "roads_price": roads_price, "roads_attention": roads_attention, "headline": headline, "rope_rules": rope_rules,
+TABLES = {"quickstart": quickstart, "spread": spread, "roads": roads, "roads_strongest": roads_strongest, "roads_price": roads_price, "roads_attention": roads_attention, "headline": headline, "rope_rules": rope_rules,
           "budget": budget, "head_dim": head_dim, "data_mix": data_mix, "designs": designs,
           "long_range_hypotheses": long_range_hypotheses, "fixed_base_rows": fixed_base_rows, "bound_base_rows": bound_base_rows,
           "bench_cpu": bench_cpu, "findings": findings, "rope_schedules": rope_schedules, "query_updates": query_updates,

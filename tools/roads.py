@@ -62,7 +62,7 @@ def step_cost(setup, variant):
 
 def road(name, label, r, variant, untimed=()):
     cells = ablate.seed_cells(r["cells"], variant)
-    setup, out = r["setup"], {"name": name, "label": label, "seeds": len(cells)}
+    setup, out = r["setup"], {"name": name, "label": label, "seeds": len(cells), "short_len": r["setup"]["short_len"]}
     for key, src in (("acc", "distance_correct"), ("text_acc", "text_distance_correct")):
         per = {f"{lo}-{hi}": [v for v in (long_range.pooled([c], lo, hi, src) for c in cells) if v is not None] for lo, hi in BUCKETS}
         out[f"{key}_by_distance"] = {k: float(np.mean(v)) if v else None for k, v in per.items()}  # None: no prompt there
@@ -99,10 +99,11 @@ def pooled_files(paths):
 def summarise(default, also=(), attention=None, untimed=()):
     r = pooled_files(default)
     roads = [road(v, LABELS[v], r, v, untimed) for v in LABELS if ablate.seed_cells(r["cells"], v)]
-    for path in also:
+    for path in also:  # another teacher or phase 1: theirs first, then the file's roads
         ra, stem = load(path), os.path.splitext(os.path.basename(path))[0]
-        roads += [road(f"{stem}/{v}", f"{LABELS[v]}: {stem.replace('_', ', ')}", ra, v) for v in ra["variants"]
-                  if v not in ("teacher", "phase1")]
+        own = {"teacher": f"its teacher (trained at {ra['setup']['teacher']['window']} tokens)",
+               "phase1": f"its phase 1 (documents <= {ra['setup']['short_len']} tokens)"}
+        roads += [road(f"{stem}/{v}", own.get(v, LABELS[v]), ra, v) for v in dict.fromkeys(("teacher", "phase1", *ra["variants"]))]
     if attention:
         att = load(attention)["models"]
         for x in roads:
