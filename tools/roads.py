@@ -167,7 +167,7 @@ def main(argv=None):
     for x in s["roads"]:
         print(f"{x['name']:<28} filler " + " / ".join(f2(v) for v in x["acc_by_distance"].values()) +
               "   text " + " / ".join(f2(v) for v in x["text_acc_by_distance"].values()) +
-              f"   reach {x['reach']}   short loss {x['short_text_loss']:.3f}   passkey@{s['setup']['short_len']} {x['short_passkey_acc']:.2f}")
+              f"   reach {x['reach']}   short loss {x['short_text_loss']:.3f}   passkey@{x['short_len']} {x['short_passkey_acc']:.2f}")
     plot(s, os.path.splitext(args.out)[0] + ".png")
     return 0
 
