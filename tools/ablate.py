@@ -611,12 +611,14 @@ def plot(r, png):
     print(f"figure -> {png}")
 
 
+def mean_range(mean, lo, hi):
+    """'mean (lo-hi)' to 2 decimals, the mean alone where the seeds agree."""
+    return f"{mean:.2f}" if hi - lo < 0.005 else f"{mean:.2f} ({lo:.2f}-{hi:.2f})"
+
+
 def spread(values):
     vals = [v for v in values if v is not None]
-    if not vals:
-        return "-"
-    lo, hi, mean = min(vals), max(vals), sum(vals) / len(vals)
-    return f"{mean:.2f}" if hi - lo < 0.005 else f"{mean:.2f} ({lo:.2f}-{hi:.2f})"
+    return mean_range(sum(vals) / len(vals), min(vals), max(vals)) if vals else "-"
 
 
 def report(path, png=""):

@@ -251,9 +251,9 @@ def perturbation_trace(model, idx, deltas, mode="shift", target="q", start=0, ba
         kl, kl_q = span_means(kl_tok, start)
         results.append({"delta": delta, "layers": layers, "kl": kl, "kl_by_quarter": kl_q})
         if span is not None:
-            d = torch.arange(T) - (stop - 1)
-            results[-1]["kl_by_distance"] = {f"{lo}-{hi}": float(kl_tok[:, (d > 0) & (d >= lo) & (d < hi)].mean())
-                                             for lo, hi in buckets if ((d > 0) & (d >= lo) & (d < hi)).any()}
+            d = torch.arange(T) - (stop - 1)  # distance of each position from the span's last token
+            at = {f"{lo}-{hi}": (d > 0) & (d >= lo) & (d < hi) for lo, hi in buckets}
+            results[-1]["kl_by_distance"] = {k: float(kl_tok[:, m].mean()) for k, m in at.items() if m.any()}
     return results
 
 
@@ -547,7 +547,7 @@ def cmd_updates(args):
     print(f"{'layer':>5}" + "  |".join("".join(f"{f'{k}:b{j}':>8}" for j in range(len(band_list))) for k in tables))
     for layer in range(m0.cfg.n_layer):
         print(f"{layer:>5}" + "  |".join("".join(fmt(x) for x in tables[k][layer]) for k in tables))
-    q_band = relative(by_band(sq["q"][0], band_list), by_band(sq["q"][1], band_list), (0, 1))
+    q_band = tab["band"]["q"]
     if args.control:
         print(f"control: {_name(args.control)}: {describe(cc, mc)}; beyond it, per layer x band (query states): "
               + "; ".join(f"L{l} " + " ".join(fmt(x, 0) for x in row) for l, row in enumerate(excess["layer_band"]["q"])))

@@ -32,7 +32,6 @@ finding 3 -- "the extension updates the query states in a structured way".  anal
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -241,12 +240,6 @@ def save_perturbation_png(path, f2):
     print(f"figure -> {path}")
 
 
-def write(path, obj):
-    with open(path, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    print(f"results -> {path}")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="runs/roads", help="folder of the roads' and controls' runs (NAME-sSEED/phase2.pt)")
@@ -281,10 +274,10 @@ def run(args, seeds, ckpt, command):
     f2 = finding2(models, args.data, checkpoint.load(args.teacher)["window"], args.samples)
     f3 = finding3(args.init, ckpt, seeds, args.data, args.samples, args.bands)
     os.makedirs(args.out, exist_ok=True)
-    write(os.path.join(args.out, "perturbation.json"), {"command": command, **f2})
-    write(os.path.join(args.out, "query_updates.json"), {"command": command, **f3})
+    analyze.write_json(os.path.join(args.out, "perturbation.json"), {"command": command, **f2})
+    analyze.write_json(os.path.join(args.out, "query_updates.json"), {"command": command, **f3})
     slim = lambda f: {k: v for k, v in f.items() if k not in ("models", "roads")}  # noqa: E731
-    write(os.path.join(args.out, "summary.json"), {
+    analyze.write_json(os.path.join(args.out, "summary.json"), {
         "command": command, "machine": checkpoint.load(ckpt("kd", seeds[0])).get("machine"),
         "finding1": f1, "finding2": slim(f2), "finding3": {**slim(f3), "by_road": {
             r: {k: x[k] for k in ("control", "verdict", "top_band_per_seed", "band_excess", "top_pairs")} for r, x in f3["roads"].items()}}})

@@ -94,7 +94,7 @@ def roads(also=False):
     for road in chosen:
         def cell(key, rng):  # a bucket no prompt fell into has mean and range None
             mean, span = road[key][rng], road[key.replace("acc_by_distance", "acc_range")][rng]
-            return "-" if mean is None else f"{mean:.2f}" if span[1] - span[0] < 0.005 else f"{mean:.2f} ({span[0]:.2f}-{span[1]:.2f})"
+            return "-" if mean is None else ablate.mean_range(mean, *span)
         rows.append([road["label"], str(road["seeds"]),
                      " / ".join(cell("acc_by_distance", b) for b in BUCKETS),
                      " / ".join(cell("text_acc_by_distance", b) for b in BUCKETS),
@@ -271,7 +271,7 @@ RULES = {"bound": "bound: a new base per window, the smallest meeting the RoPE-b
 
 
 def spread3(x, bold=False):
-    """'mean (min-max)' of a findings.spread dict, 2 decimals (one number where the seeds agree)."""
+    """'mean (min-max)' of a findings.spread dict, 2 decimals: one number where min and max print alike."""
     m = f"**{x['mean']:.2f}**" if bold else f"{x['mean']:.2f}"
     return m if f"{x['min']:.2f}" == f"{x['max']:.2f}" else f"{m} ({x['min']:.2f}-{x['max']:.2f})"
 
