@@ -247,6 +247,49 @@ def bound_base_rows():
                                                       "ce-long": "ce-long"})
 
 
+def factors():
+    """What holds the upper reference back: `ce-long` at key distance 256-512 (seed mean) at a weaker and a stronger
+    point of each factor, each point from its own file."""
+    def far(label, path):
+        s = per_seed(path, "ce-long", "256-512")
+        return f"{label}: {sum(s) / len(s):.2f} ({len(s)} seeds)"
+    mix, lr3 = "results/headline/fixed_base.json", "results/data_mix/ce_long_teacher_mix_lr3e-3.json"
+    text_only = "results/data_mix/passkey_only_fixed_base.json"
+    w1, w2 = (f2(load(p)["summary"]["phase1_window_acc"]) for p in (lr3, mix))
+    rows = [("data mix", far("passkeys in text only", text_only), far("the teacher's mix", mix),
+             "the main one ([results/data_mix/](../results/data_mix/))"),
+            ("pre-existing circuit", far(f"phase 1 at {w1} in its window", lr3), far(f"phase 1 at {w2}", mix), "helps"),
+            ("head dimension (width 128)", far("8 heads of 16", "results/head_dim/ce_long_16dim_heads.json") + "; "
+             + far("4 of 32", "results/head_dim/ce_long_32dim_heads.json"), far("2 heads of 64", mix),
+             "does not order the results; the 32-dim phase 1 was the weakest ([results/head_dim/](../results/head_dim/))"),
+            ("budget (passkeys only)", far("1200 steps", text_only),
+             far("3600 steps", "results/budget/ce_long_3x_steps_passkey_only.json"),
+             "more steps do not help ([results/budget/](../results/budget/))"),
+            ("RoPE base", far("the paper's phase-wise reading", "results/headline/phasewise_paper_reading.json"),
+             far("bound", "results/ablation.json") + "; " + far("fixed 1e4", mix),
+             "the base must meet the bound ([results/rope_rules/](../results/rope_rules/))")]
+    return markdown(["factor", "weaker point", "stronger point", "reading"], rows)
+
+
+def teacher_view():
+    """What each teacher's soft targets carry on packed data (ablate.transfer_channel): KL of the full window's
+    prediction from a document-only one and from the last 64 tokens', by quarter of the window; key probabilities."""
+    rows = [("trained document-masked (the old default), old defaults' student data",
+             load("results/teacher_view/channel_doc_masked_teacher.json")["random"]),
+            ("trained across packed documents (today's default), same data",
+             load("results/teacher_view/channel_cross_doc_teacher.json")["random"]),
+            ("the headline's teacher, on the headline's student data", load("results/headline/fixed_base.json")["transfer_channel"])]
+    out = []
+    for label, c in rows:
+        a = c["answers"]
+        other = f"{a['other_keys_full']:.3f}"
+        out.append([label, *(" ".join(f"{c[q][k]:.3f}" for q in ("q1", "q2", "q3", "q4")) for k in ("kl_full_doc", "kl_full_near")),
+                    f"{a['own_key_full']:.2f} / {a['own_key_doc']:.2f}",
+                    f"{'**' + other + '**' if a['other_keys_full'] > 0.5 else other} / {a['other_keys_doc']:.3f}"])
+    return markdown(["teacher", "KL(full ‖ doc)", "KL(full ‖ last 64 tokens)", "p(own key), full / doc",
+                     "p(other documents' keys), full / doc"], out)
+
+
 def bench_cpu():
     """tools/bench.py's sweep: tokens/s of our step and the median [min-max] of the per-round ratios, per window."""
     r = load("results/bench/kd_step_cpu.json")
@@ -389,7 +432,7 @@ def long_range_hypotheses():
 TABLES = {"quickstart": quickstart, "spread": spread, "roads": roads, "roads_strongest": roads_strongest, "roads_price": roads_price, "roads_attention": roads_attention, "headline": headline, "rope_rules": rope_rules,
           "budget": budget, "head_dim": head_dim, "data_mix": data_mix, "designs": designs,
           "long_range_hypotheses": long_range_hypotheses, "fixed_base_rows": fixed_base_rows, "bound_base_rows": bound_base_rows,
-          "bench_cpu": bench_cpu, "findings": findings, "rope_schedules": rope_schedules, "query_updates": query_updates,
+          "bench_cpu": bench_cpu, "factors": factors, "teacher_view": teacher_view, "findings": findings, "rope_schedules": rope_schedules, "query_updates": query_updates,
           "perturbation": perturbation}
 TABLE = re.compile(r"(<!-- table: (\S+) -->\n)(.*?)(<!-- /table -->)", re.S)
 COMMANDS = re.compile(r"(<!-- commands -->\n)(.*?)(<!-- /commands -->)", re.S)
