@@ -52,6 +52,7 @@ def test_spread_pools_whole_runs_extension_seeds_and_logged_runs(tmp_path):
                               for m, h in (("t", (1, 1, 1, 1)), ("p1", (1, 0, 0, 0)), ("p2", (1, 1, 0, 0)))}}
     abl = {"cpu": "X", "setup": {"prompts_per_cell": 10},
            "cells": {"teacher": {"distance_correct": [[10, 1], [100, 1], [200, 1], [300, 0]]},
+                     "phase1": {"distance_correct": [[10, 1], [100, 0], [200, 0], [300, 0]]},
                      "kd-s1": {"distance_correct": [[10, 1], [100, 0], [200, 0], [300, 0]], "train_minutes": 7.0}}}
     (tmp_path / "qs.json").write_text(json.dumps(qs))
     (tmp_path / "abl.json").write_text(json.dumps(abl))
@@ -64,3 +65,9 @@ def test_spread_pools_whole_runs_extension_seeds_and_logged_runs(tmp_path):
     assert [r["seed"] for r in s["runs"]] == [0, 1, 0] and s["runs"][0]["minutes"] == 3.0
     assert s["summary"]["64-128"] == {"mean": 0.5, "min": 0.0, "max": 1.0}
     assert s["runs"][0]["reach"] == 128 and s["runs"][1]["reach"] == 32 and s["summary"]["reach"] == {"min": 32, "max": 128, "runs": 2}
+    # each conclusion counts only the runs that have its numbers: the logged run has no phase 1 and no teacher
+    claims = {c["claim"]: (c["holds"], c["runs"]) for c in s["summary"]["claims"]}
+    assert claims["phase 2 beats phase 1 one document back (64-128)"] == (1, 2)
+    assert claims["phase 2 >= 0.5 one document back"] == (2, 3)
+    assert claims["the teacher >= 0.5 at 256-512"] == (1, 2)
+    assert s["summary"]["teacher_256-512"] == {"min": 0.0, "max": 1.0, "runs": 2}

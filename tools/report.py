@@ -143,6 +143,22 @@ def spread():
     return markdown(["run", "what was rerun", *(f"phase 2 at {b}" for b in BUCKETS), "reach"], rows)
 
 
+def spread_summary():
+    """The spread in one paragraph: phase 2's range per bucket over every run, and where each conclusion holds."""
+    r = load("results/default_run/spread.json")
+    sm, runs = r["summary"], r["runs"]
+    whole = [x for x in runs if x["scope"].startswith("whole")]
+    rng = lambda x: f"{x['mean']:.2f} ({x['min']:.2f}-{x['max']:.2f})" if "mean" in x else f"{x['min']:.2f}-{x['max']:.2f}"  # noqa: E731
+    join = lambda xs: ", ".join(map(str, sorted(set(xs))))  # noqa: E731
+    claims = "; ".join(f"{c['claim']}: {c['holds']} of {c['runs']}" for c in sm["claims"])
+    return (f"Over {sm['runs']} runs ([spread.json](results/default_run/spread.json): {len(whole)} whole "
+            f"runs -- seeds {join(x['seed'] for x in whole)}, {join(x['threads'] for x in whole)} threads, "
+            f"{len(set(x['cpu'] for x in whole))} machines -- and {len(runs) - len(whole)} of the second command alone) phase 2 "
+            f"retrieves {rng(sm['0-64'])} inside a document, {rng(sm['64-128'])} one document back, {rng(sm['128-256'])} at "
+            f"128-256 and {rng(sm['256-512'])} at 256-512, reach {sm['reach']['min']}-{sm['reach']['max']} tokens; the teacher "
+            f"{rng(sm['teacher_256-512'])} at 256-512. Runs where each conclusion holds: {claims}.")
+
+
 # ---- results/<question>/README ------------------------------------------------------------------
 
 def headline():
@@ -429,7 +445,7 @@ def long_range_hypotheses():
                      "KD's reach"], out)
 
 
-TABLES = {"quickstart": quickstart, "spread": spread, "roads": roads, "roads_strongest": roads_strongest, "roads_price": roads_price, "roads_attention": roads_attention, "headline": headline, "rope_rules": rope_rules,
+TABLES = {"quickstart": quickstart, "spread": spread, "spread_summary": spread_summary, "roads": roads, "roads_strongest": roads_strongest, "roads_price": roads_price, "roads_attention": roads_attention, "headline": headline, "rope_rules": rope_rules,
           "budget": budget, "head_dim": head_dim, "data_mix": data_mix, "designs": designs,
           "long_range_hypotheses": long_range_hypotheses, "fixed_base_rows": fixed_base_rows, "bound_base_rows": bound_base_rows,
           "bench_cpu": bench_cpu, "factors": factors, "teacher_view": teacher_view, "findings": findings, "rope_schedules": rope_schedules, "query_updates": query_updates,
