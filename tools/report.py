@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import ablate  # noqa: E402
 import long_range  # noqa: E402
+from ablate import eval_retrieval  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", "tools/README.md", "results/README.md", *sorted(glob.glob("results/*/README.md", root_dir=ROOT))]
@@ -120,6 +121,30 @@ def roads_price():
                      "held-out loss by quarter of the 512 window"],
                     [[x["label"], str(x["seeds"]), f2(x["short_text_loss"]), f2(x["short_passkey_acc"]), q(x)]
                      for x in r["roads"] if x["name"] != "teacher" and "/" not in x["name"]])
+
+
+def in_window(path):
+    """An eval_retrieval.py --json file of every road's checkpoints at prompts of exactly the window, grouped by road
+    (phase0.pt: the teacher, phase1.pt: phase 1, ROAD-sK/phase2.pt: seed K of ROAD): {road: [acc by bucket per seed]}."""
+    out = {}
+    for name, m in load(path)["models"].items():
+        base = os.path.basename(name)
+        road = {"phase0.pt": "teacher", "phase1.pt": "phase1"}.get(base) or os.path.basename(os.path.dirname(name)).rsplit("-s", 1)[0]
+        out.setdefault(road, []).append(eval_retrieval.by_distance(m["records"], [tuple(map(int, b.split("-"))) for b in BUCKETS]))
+    return out
+
+
+def roads_in_window():
+    """Every road at prompts of exactly its 512-token window, the needle anywhere in it, both haystacks."""
+    import roads as roads_tool
+    own = {"teacher": "its teacher (trained at 2048 tokens)", "phase1": "its phase 1 (documents <= 128 tokens)"}
+    rows = []
+    for stem, labels in (("", roads_tool.LABELS), ("strongest_", {**roads_tool.LABELS, **own})):
+        filler, text = (in_window(f"results/roads/{stem}in_window_{h}.json") for h in ("filler", "text"))
+        for road, seeds in filler.items():
+            cells = [" / ".join(ablate.spread([x[b] for x in hay[road]]) for b in BUCKETS) for hay in (filler, text)]
+            rows.append([labels[road] if not stem or road in own else f"{labels[road]} (2048-token teacher)", str(len(seeds)), *cells])
+    return markdown(["road", "seeds", "filler haystack: 0-64 / 64-128 / 128-256 / 256-512", "held-out text haystack: the same"], rows)
 
 
 def roads_attention():
@@ -445,7 +470,7 @@ def long_range_hypotheses():
                      "KD's reach"], out)
 
 
-TABLES = {"quickstart": quickstart, "spread": spread, "spread_summary": spread_summary, "roads": roads, "roads_strongest": roads_strongest, "roads_price": roads_price, "roads_attention": roads_attention, "headline": headline, "rope_rules": rope_rules,
+TABLES = {"quickstart": quickstart, "spread": spread, "spread_summary": spread_summary, "roads": roads, "roads_strongest": roads_strongest, "roads_price": roads_price, "roads_attention": roads_attention, "roads_in_window": roads_in_window, "headline": headline, "rope_rules": rope_rules,
           "budget": budget, "head_dim": head_dim, "data_mix": data_mix, "designs": designs,
           "long_range_hypotheses": long_range_hypotheses, "fixed_base_rows": fixed_base_rows, "bound_base_rows": bound_base_rows,
           "bench_cpu": bench_cpu, "factors": factors, "teacher_view": teacher_view, "findings": findings, "rope_schedules": rope_schedules, "query_updates": query_updates,
