@@ -123,15 +123,19 @@ def roads_price():
                      for x in r["roads"] if x["name"] != "teacher" and "/" not in x["name"]])
 
 
-def in_window(path):
-    """An eval_retrieval.py --json file of every road's checkpoints at prompts of exactly the window, grouped by road
-    (phase0.pt: the teacher, phase1.pt: phase 1, ROAD-sK/phase2.pt: seed K of ROAD): {road: [acc by bucket per seed]}."""
+def by_road(path, measure):
+    """An eval_retrieval.py --json file of the roads' checkpoints, grouped by road (phase0.pt: the teacher, phase1.pt:
+    phase 1, ROAD-sK/phase2.pt: seed K of ROAD): {road: [measure(records) per seed]}."""
     out = {}
     for name, m in load(path)["models"].items():
         base = os.path.basename(name)
         road = {"phase0.pt": "teacher", "phase1.pt": "phase1"}.get(base) or os.path.basename(os.path.dirname(name)).rsplit("-s", 1)[0]
-        out.setdefault(road, []).append(eval_retrieval.by_distance(m["records"], [tuple(map(int, b.split("-"))) for b in BUCKETS]))
+        out.setdefault(road, []).append(measure(m["records"]))
     return out
+
+
+def in_window(path):
+    return by_road(path, lambda recs: eval_retrieval.by_distance(recs, [tuple(map(int, b.split("-"))) for b in BUCKETS]))
 
 
 def roads_in_window():
@@ -145,6 +149,21 @@ def roads_in_window():
             cells = [" / ".join(ablate.spread([x[b] for x in hay[road]]) for b in BUCKETS) for hay in (filler, text)]
             rows.append([labels[road] if not stem or road in own else f"{labels[road]} (2048-token teacher)", str(len(seeds)), *cells])
     return markdown(["road", "seeds", "filler haystack: 0-64 / 64-128 / 128-256 / 256-512", "held-out text haystack: the same"], rows)
+
+
+def roads_near_key():
+    """The key among the last ~50 tokens of the prompt (depths 0.9 and 1), by prompt length: the haystack's length
+    alone, without the distance."""
+    import roads as roads_tool
+    hays = [load(f"results/roads/near_key_by_length_{h}.json") for h in ("filler", "text")]
+    lengths = hays[0]["lengths"]
+    per_hay = [by_road(f"results/roads/near_key_by_length_{h}.json",
+                       lambda recs: [eval_retrieval.accuracy(recs, length=L) for L in lengths]) for h in ("filler", "text")]
+    rows = [[roads_tool.LABELS[road], str(len(seeds)),
+             *(" / ".join(ablate.spread([x[i] for x in hay[road]]) for i in range(len(lengths))) for hay in per_hay)]
+            for road, seeds in per_hay[0].items()]
+    head = " / ".join(map(str, lengths))
+    return markdown(["road", "seeds", f"filler haystack, prompt length {head}", "held-out text haystack: the same"], rows)
 
 
 def roads_attention():
@@ -470,7 +489,7 @@ def long_range_hypotheses():
                      "KD's reach"], out)
 
 
-TABLES = {"quickstart": quickstart, "spread": spread, "spread_summary": spread_summary, "roads": roads, "roads_strongest": roads_strongest, "roads_price": roads_price, "roads_attention": roads_attention, "roads_in_window": roads_in_window, "headline": headline, "rope_rules": rope_rules,
+TABLES = {"quickstart": quickstart, "spread": spread, "spread_summary": spread_summary, "roads": roads, "roads_strongest": roads_strongest, "roads_price": roads_price, "roads_attention": roads_attention, "roads_in_window": roads_in_window, "roads_near_key": roads_near_key, "headline": headline, "rope_rules": rope_rules,
           "budget": budget, "head_dim": head_dim, "data_mix": data_mix, "designs": designs,
           "long_range_hypotheses": long_range_hypotheses, "fixed_base_rows": fixed_base_rows, "bound_base_rows": bound_base_rows,
           "bench_cpu": bench_cpu, "factors": factors, "teacher_view": teacher_view, "findings": findings, "rope_schedules": rope_schedules, "query_updates": query_updates,
