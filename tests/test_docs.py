@@ -71,3 +71,17 @@ def test_spread_pools_whole_runs_extension_seeds_and_logged_runs(tmp_path):
     assert claims["phase 2 >= 0.5 one document back"] == (2, 3)
     assert claims["the teacher >= 0.5 at 256-512"] == (1, 2)
     assert s["summary"]["teacher_256-512"] == {"min": 0.0, "max": 1.0, "runs": 2}
+
+
+def test_eval_files_are_grouped_by_road_and_seed(monkeypatch):
+    """report.by_road: phase0.pt is the teacher, phase1.pt phase 1, ROAD-sK/phase2.pt seed K of ROAD; the in-window
+    table's buckets come from each seed's own records."""
+    rec = lambda d, c: {"length": 512, "depth": 0.0, "distance": d, "correct": c}  # noqa: E731
+    fake = {"models": {"out/phase0.pt": {"records": [rec(300, True)]}, "out/phase1.pt": {"records": [rec(300, False)]},
+                       "runs/roads/pose-kd-s0/phase2.pt": {"records": [rec(10, True), rec(300, True)]},
+                       "runs/roads/pose-kd-s1/phase2.pt": {"records": [rec(10, True), rec(300, False)]}}}
+    monkeypatch.setitem(report.load.__defaults__[0], "fake.json", fake)
+    got = report.in_window("fake.json")
+    assert set(got) == {"teacher", "phase1", "pose-kd"} and len(got["pose-kd"]) == 2
+    assert [x["256-512"] for x in got["pose-kd"]] == [1.0, 0.0] and got["pose-kd"][0]["64-128"] is None
+    assert got["teacher"] == [{"0-64": None, "64-128": None, "128-256": None, "256-512": 1.0}]
