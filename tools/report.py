@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import ablate  # noqa: E402
 import long_range  # noqa: E402
+import roads as roads_tool  # noqa: E402  (the tool; `roads` below is its table)
 from ablate import eval_retrieval  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +141,6 @@ def in_window(path):
 
 def roads_in_window():
     """Every road at prompts of exactly its 512-token window, the needle anywhere in it, both haystacks."""
-    import roads as roads_tool
     own = {"teacher": "its teacher (trained at 2048 tokens)", "phase1": "its phase 1 (documents <= 128 tokens)"}
     rows = []
     for stem, labels in (("", roads_tool.LABELS), ("strongest_", {**roads_tool.LABELS, **own})):
@@ -152,11 +152,8 @@ def roads_in_window():
 
 
 def roads_near_key():
-    """The key among the last ~50 tokens of the prompt (depths 0.9 and 1), by prompt length: the haystack's length
-    alone, without the distance."""
-    import roads as roads_tool
-    hays = [load(f"results/roads/near_key_by_length_{h}.json") for h in ("filler", "text")]
-    lengths = hays[0]["lengths"]
+    """The key 21-25 tokens before the question (depth 1) at every prompt length: the prompt's length alone."""
+    lengths = load("results/roads/near_key_by_length_filler.json")["lengths"]
     per_hay = [by_road(f"results/roads/near_key_by_length_{h}.json",
                        lambda recs: [eval_retrieval.accuracy(recs, length=L) for L in lengths]) for h in ("filler", "text")]
     rows = [[roads_tool.LABELS[road], str(len(seeds)),
