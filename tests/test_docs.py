@@ -85,3 +85,11 @@ def test_eval_files_are_grouped_by_road_and_seed(monkeypatch):
     assert set(got) == {"teacher", "phase1", "pose-kd"} and len(got["pose-kd"]) == 2
     assert [x["256-512"] for x in got["pose-kd"]] == [1.0, 0.0] and got["pose-kd"][0]["64-128"] is None
     assert got["teacher"] == [{"0-64": None, "64-128": None, "128-256": None, "256-512": 1.0}]
+
+
+def test_the_one_commands_time_in_the_readme_is_its_files():
+    """The Quickstart's `python tools/ablate.py` line states the measured wall time of results/roads/one_command.json."""
+    minutes = report.load("results/roads/one_command.json")["minutes"]["total"]
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        line = next(x for x in fh if x.startswith("python tools/ablate.py "))
+    assert f"{minutes:.1f} min on 2 cores" in line
