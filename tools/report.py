@@ -177,11 +177,12 @@ def spread():
     r = load("results/default_run/spread.json")
     sm = r["summary"]
     rows = [[f"seed {x['seed']}, {x['threads']} thread{'s' * (x['threads'] != 1)}, {x['cpu']}", x["scope"].split(":")[0],
-             *(f2(x["acc_by_distance"][b]) for b in BUCKETS), "-" if x["reach"] is None else str(x["reach"])] for x in r["runs"]]
+             *(f2(x["acc_by_distance"][b]) for b in BUCKETS), "-" if x["reach"] is None else str(x["reach"]),
+             "-" if x.get("minutes") is None else f"{x['minutes']:.1f}"] for x in r["runs"]]
     rows.append([f"**all {sm['runs']} runs: mean (min-max)**", "",
                  *(f"{sm[b]['mean']:.2f} ({sm[b]['min']:.2f}-{sm[b]['max']:.2f})" for b in BUCKETS),
-                 f"{sm['reach']['min']}-{sm['reach']['max']}"])
-    return markdown(["run", "what was rerun", *(f"phase 2 at {b}" for b in BUCKETS), "reach"], rows)
+                 f"{sm['reach']['min']}-{sm['reach']['max']}", ""])
+    return markdown(["run", "what was rerun", *(f"phase 2 at {b}" for b in BUCKETS), "reach", "minutes trained"], rows)
 
 
 def spread_summary():
