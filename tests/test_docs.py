@@ -87,9 +87,10 @@ def test_eval_files_are_grouped_by_road_and_seed(monkeypatch):
     assert got["teacher"] == [{"0-64": None, "64-128": None, "128-256": None, "256-512": 1.0}]
 
 
-def test_the_one_commands_time_in_the_readme_is_its_files():
-    """The Quickstart's `python tools/ablate.py` line states the measured wall time of results/roads/one_command.json."""
+@pytest.mark.parametrize("doc", ["README.md", "tools/README.md"])
+def test_the_one_commands_time_in_the_docs_is_its_files(doc):
+    """The bare `python tools/ablate.py` line states the measured wall time of results/roads/one_command.json."""
     minutes = report.load("results/roads/one_command.json")["minutes"]["total"]
-    with open(os.path.join(ROOT, "README.md")) as fh:
+    with open(os.path.join(ROOT, doc)) as fh:
         line = next(x for x in fh if x.startswith("python tools/ablate.py "))
-    assert f"{minutes:.1f} min on 2 cores" in line
+    assert f"{minutes:.1f} min" in line
