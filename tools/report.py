@@ -191,11 +191,13 @@ def spread_summary():
     sm, runs = r["summary"], r["runs"]
     whole = [x for x in runs if x["scope"].startswith("whole")]
     rng = lambda x: f"{x['mean']:.2f} ({x['min']:.2f}-{x['max']:.2f})" if "mean" in x else f"{x['min']:.2f}-{x['max']:.2f}"  # noqa: E731
-    join = lambda xs: ", ".join(map(str, sorted(set(xs))))  # noqa: E731
+    def join(xs):  # "0", "0 and 1", "0, 1 and 2"
+        xs = [str(x) for x in sorted(set(xs))]
+        return xs[0] if len(xs) == 1 else ", ".join(xs[:-1]) + " and " + xs[-1]
     claims = "; ".join(f"{c['claim']}: {c['holds']} of {c['runs']}" for c in sm["claims"])
     return (f"Over {sm['runs']} runs ([spread.json](results/default_run/spread.json): {len(whole)} whole "
-            f"runs -- seeds {join(x['seed'] for x in whole)}, {join(x['threads'] for x in whole)} threads, "
-            f"{len(set(x['cpu'] for x in whole))} machines -- and {len(runs) - len(whole)} of the second command alone) phase 2 "
+            f"runs (seeds {join(x['seed'] for x in whole)} at {join(x['threads'] for x in whole)} threads, "
+            f"{len(set(x['cpu'] for x in whole))} machines) and {len(runs) - len(whole)} of the second command alone) phase 2 "
             f"retrieves {rng(sm['0-64'])} inside a document, {rng(sm['64-128'])} one document back, {rng(sm['128-256'])} at "
             f"128-256 and {rng(sm['256-512'])} at 256-512, reach {sm['reach']['min']}-{sm['reach']['max']} tokens; the teacher "
             f"{rng(sm['teacher_256-512'])} at 256-512. Runs where each conclusion holds: {claims}.")
