@@ -135,6 +135,11 @@ def by_road(path, measure):
     return out
 
 
+def seed_spreads(per_seed, keys):
+    """'a / b / ...': the seed spread of each key over a road's per-seed dicts (by_road's lists)."""
+    return " / ".join(ablate.spread([x[k] for x in per_seed]) for k in keys)
+
+
 def in_window(path):
     return by_road(path, lambda recs: eval_retrieval.by_distance(recs, [tuple(map(int, b.split("-"))) for b in BUCKETS]))
 
@@ -146,7 +151,7 @@ def roads_in_window():
     for stem, labels in (("", roads_tool.LABELS), ("strongest_", {**roads_tool.LABELS, **own})):
         filler, text = (in_window(f"results/roads/{stem}in_window_{h}.json") for h in ("filler", "text"))
         for road, seeds in filler.items():
-            cells = [" / ".join(ablate.spread([x[b] for x in hay[road]]) for b in BUCKETS) for hay in (filler, text)]
+            cells = [seed_spreads(hay[road], BUCKETS) for hay in (filler, text)]
             rows.append([labels[road] if not stem or road in own else f"{labels[road]} (2048-token teacher)", str(len(seeds)), *cells])
     return markdown(["road", "seeds", "filler haystack: 0-64 / 64-128 / 128-256 / 256-512", "held-out text haystack: the same"], rows)
 
@@ -155,9 +160,8 @@ def roads_near_key():
     """The key 21-25 tokens before the question (depth 1) at every prompt length: the prompt's length alone."""
     lengths = load("results/roads/near_key_by_length_filler.json")["lengths"]
     per_hay = [by_road(f"results/roads/near_key_by_length_{h}.json",
-                       lambda recs: [eval_retrieval.accuracy(recs, length=L) for L in lengths]) for h in ("filler", "text")]
-    rows = [[roads_tool.LABELS[road], str(len(seeds)),
-             *(" / ".join(ablate.spread([x[i] for x in hay[road]]) for i in range(len(lengths))) for hay in per_hay)]
+                       lambda recs: {L: eval_retrieval.accuracy(recs, length=L) for L in lengths}) for h in ("filler", "text")]
+    rows = [[roads_tool.LABELS[road], str(len(seeds)), *(seed_spreads(hay[road], lengths) for hay in per_hay)]
             for road, seeds in per_hay[0].items()]
     head = " / ".join(map(str, lengths))
     return markdown(["road", "seeds", f"filler haystack, prompt length {head}", "held-out text haystack: the same"], rows)
