@@ -102,6 +102,9 @@ def parse_args(argv=None):
       help="position ids over a packed window: 0..T-1, restarting at 0 in each document, or (extension phases) "
            "PoSE: rows of the short window whose chunks skip ahead, so that they train the long window's distances")
     g("--pose_chunks", type=int, default=2, help="chunks per row with --positions pose (each boundary adds a skip)")
+    g("--pose_len", default=None, help="row length with --positions pose (default: the short window); longer rows "
+      "pack several short documents (attention across them, as --packing says), so that a row trains the long "
+      "window's length as well as its distances; a comma-separated list draws one length per step")
     g("--data_mode", choices=["short", "long"], default="short",
       help="extension-phase data: short documents packed (the method) or long documents (the reference it avoids)")
     g("--snippets", choices=data.SNIPPETS, default="random",
@@ -167,6 +170,13 @@ def validate(args):
     for k in ("mix", "passkey_frac", "copy_frac", "filler_frac", "teacher_curriculum", "curriculum"):
         need(0 <= getattr(args, k) <= 1, f"--{k} must be in [0, 1], got {getattr(args, k)}")
     need(2 <= args.pose_chunks <= args.short_len, f"--pose_chunks must be in [2, --short_len], got {args.pose_chunks}")
+    if isinstance(args.pose_len, str):
+        try:
+            args.pose_len = [int(n) for n in args.pose_len.split(",")]
+        except ValueError:
+            raise UsageError(f"--pose_len must be comma-separated integers, got {args.pose_len!r}") from None
+        need(min(args.pose_len) >= args.short_len,
+             f"--pose_len must be >= the short window {args.short_len} (a row holds whole documents), got {args.pose_len}")
     need(args.positions != "pose" or args.data_mode == "short",
          "--positions pose trains short rows at long positions; it has no meaning with --data_mode long")
     need(args.weight_decay >= 0 and args.warmup >= 0, "--weight_decay and --warmup must be >= 0")

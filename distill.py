@@ -46,6 +46,11 @@ def window_of(args, phase):
     return args.short_len * args.growth ** (phase - 1)
 
 
+def pose_lens(args):
+    """PoSE's row lengths: the short window unless --pose_len packs several documents into a row."""
+    return args.pose_len or [args.short_len]
+
+
 def rows_of(args, phase):
     """Rows per step: the teacher's as given; a student's shrink with its window (the same tokens per step)."""
     return args.teacher_batch if phase == 0 else max(1, per_phase(args.batch, phase) * args.short_len // window_of(args, phase))
@@ -163,7 +168,7 @@ def setup_phase(args, phase, corpus, device, rank, world):
     else:
         s.steps, s.lr, s.packing = per_phase(args.steps, phase), per_phase(args.lr, phase), args.packing
         # PoSE only where the window outgrows the rows: phase 1 trains its own window with plain positions
-        s.pose = args.positions == "pose" and s.window > args.short_len
+        s.pose = args.positions == "pose" and s.window > max(pose_lens(args))
         s.positions = "continuous" if args.positions == "pose" else args.positions
         s.mix = {"kd": 1.0, "ce": 0.0, "mix": args.mix}[per_phase(args.loss, phase)]
         s.vocab = vocab_for(args, corpus)
@@ -197,11 +202,12 @@ def setup_phase(args, phase, corpus, device, rank, world):
 
 def run_phase(args, phase, corpus, device, rank, world):
     s = setup_phase(args, phase, corpus, device, rank, world)
+    rows = " or ".join(map(str, pose_lens(args)))
     say(rank, f"phase {phase} ({'teacher' if phase == 0 else 'student'}): {s.model.num_params() / 1e6:.2f}M params, "
               f"window {s.window}, RoPE {rope.describe(s.model.cfg.rope)}, loss "
               f"{'CE' if s.mix == 0 else 'KD' if s.mix == 1 else f'{s.mix}*KD+{1 - s.mix:g}*CE'}, data "
               f"{'long documents' if s.max_doc is None else f'documents <= {s.max_doc} tokens'} ({s.packing}, "
-              f"{f'PoSE: rows of {args.short_len} in {args.pose_chunks} chunks' if s.pose else s.positions}), "
+              f"{f'PoSE: rows of {rows} in {args.pose_chunks} chunks' if s.pose else s.positions}), "
               f"vocab {len(s.vocab)}, {s.steps} steps x {s.batch} x {s.window} tokens, init {s.lineage}")
     t0 = time.time()
     stats = train_loop(args, s, device, rank, world)
@@ -287,10 +293,13 @@ def draw_batch(args, s):
     """
     One step's rows, their tensors and position ids, from the phase's random stream.  Packed: rows of the
     window (shorter under a length curriculum), positions from the document ids.  PoSE: as many tokens in
-    rows of the short window, each with skipped positions that reach across the phase's window.
+    rows of --pose_len (the short window by default; one of a list, drawn per step), each with skipped
+    positions that reach across the phase's window.
     """
     if s.pose:
-        T, n_rows = args.short_len, s.batch * s.window // args.short_len
+        lens = pose_lens(args)
+        T = lens[0] if len(lens) == 1 else lens[int(s.rng.integers(len(lens)))]
+        n_rows = s.batch * s.window // T
     else:
         T, n_rows = step_shape(s.sampler, s.window, s.batch)
     full = data.make_batch([data.pack(s.sampler, s.rng, T, s.max_doc) for _ in range(n_rows)], s.vocab)

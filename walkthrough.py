@@ -273,6 +273,23 @@ ax2.legend(fontsize=8)
 save(fig, "pose_positions.png")
 
 # %% [markdown]
+# A row as short as a document never holds many keys, and a student trained on such rows alone loses
+# retrieval as the prompt grows, even with the key close (results/roads).  Rows of two or four packed
+# documents (`--pose_len`, attention across them as in a packed window) train the window's length too,
+# at a price: a row of R tokens can skip only window - R, so one document inside it spans at most
+# (document - 1) + window - R.  Drawing the row length per step (`--pose_len 64,128`, the `pose-rows`
+# roads of `tools/ablate.py`) trains both the longest distances and longer rows.
+
+# %%
+doc = windows[0]  # the longest document
+for R in (r for r in (doc, 2 * doc, 4 * doc) if r < windows[1]):
+    ids = data.pose_positions(np.random.default_rng(2), 2000, R, windows[1], args.pose_chunks)
+    inside = int((ids[:, doc - 1:] - ids[:, :R - doc + 1]).max())  # over every run of `doc` consecutive tokens
+    bound = doc - 1 + windows[1] - R
+    assert bound - 8 <= inside <= bound, f"rows of {R}: a document spans up to {inside}, expected about {bound}"
+    print(f"rows of {R} tokens: one {doc}-token document spans up to {inside} positions (bound {bound})")
+
+# %% [markdown]
 # ## 5. The models: teacher, phase 1, phase 2
 #
 # The pictures below need a teacher and the two student phases.  With the Quickstart's checkpoints

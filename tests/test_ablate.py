@@ -159,11 +159,11 @@ def test_smoke_runs_the_cpu_ablation_path(tmp_path, capsys):
     """--smoke: the cpu preset's real path (both teachers, phase 1, the variants, evaluation, summary) with tiny models."""
     results = tmp_path / "ablation.json"
     code = ablate.main(["--smoke", "--preset", "cpu", "--out", str(tmp_path / "runs"), "--results", str(results),
-                        "--png", "", "--variants", "kd,ce,kd-fixed,kd-mismatch,ce-long,pose-kd,pose-ce"])
+                        "--png", "", "--variants", "kd,ce,kd-fixed,kd-mismatch,ce-long,pose-kd,pose-ce,pose-rows-ce"])
     assert code == 0
     r = json.loads(results.read_text())
     assert set(r["cells"]) == {"teacher", "phase1", "kd-s0", "ce-s0", "kd-fixed-s0", "kd-mismatch-s0", "ce-long-s0",
-                               "pose-kd-s0", "pose-ce-s0"}
+                               "pose-kd-s0", "pose-ce-s0", "pose-rows-ce-s0"}
     assert (tmp_path / "runs" / "shared_docmask" / "phase0.pt").exists()  # kd-mismatch's own, document-masked teacher
     s = r["summary"]
     assert s["seeds"] == 1 and (s["long_distance_from"], s["long_distance_to"]) == (256, 512) and s["rope"] == "bound"
@@ -180,7 +180,7 @@ def test_smoke_runs_the_cpu_ablation_path(tmp_path, capsys):
     import roads
     assert roads.main([str(results), "--out", str(tmp_path / "roads.json")]) == 0
     s = {x["name"]: x for x in json.loads((tmp_path / "roads.json").read_text())["roads"]}
-    assert list(s) == ["teacher", "phase1", "ce-long", "kd", "ce", "pose-kd", "pose-ce"]
+    assert list(s) == ["teacher", "phase1", "ce-long", "kd", "ce", "pose-kd", "pose-ce", "pose-rows-ce"]
     for x in s.values():
         assert set(x["acc_by_distance"]) == set(x["text_acc_by_distance"]) == {"0-64", "64-128", "128-256", "256-512"}
         assert all(r[0] <= x["acc_by_distance"][k] <= r[1] for k, r in x["acc_range"].items() if r)
@@ -190,6 +190,16 @@ def test_smoke_runs_the_cpu_ablation_path(tmp_path, capsys):
     assert s["pose-kd"]["attention_gflop_per_step"] * 8 == pytest.approx(s["kd"]["attention_gflop_per_step"])
     assert s["pose-ce"]["attention_gflop_per_step"] * 8 == pytest.approx(s["ce"]["attention_gflop_per_step"])
     assert s["kd"]["attention_gflop_per_step"] > s["ce"]["attention_gflop_per_step"]
+    # rows of 64 or 128, one length per step: (8 * 64^2 + 4 * 128^2) / 2 = 3/16 of one 512-token row's
+    assert s["pose-rows-ce"]["attention_gflop_per_step"] * 16 / 3 == pytest.approx(s["ce"]["attention_gflop_per_step"])
+    assert "PoSE: rows of 64 or 128 in 2 chunks" in (tmp_path / "runs" / "pose-rows-ce-s0" / "train.log").read_text()
+
+
+def test_pose_rows_are_one_and_two_short_windows_at_any_preset():
+    """The rows variants name their lengths through the short window, so a preset with another one keeps them valid."""
+    assert ablate.variant_flags("pose-rows-ce", 512)[-2:] == ["--pose_len", "512,1024"]
+    assert ablate.variant_flags("kd-control", 64)[-2:] == ["--windows", "64,64"]
+    assert ablate.variant_flags("pose-ce", 64) == ablate.VARIANTS["pose-ce"]
 
 
 def test_a_run_cut_short_continues_on_the_next_invocation(tmp_path, monkeypatch):

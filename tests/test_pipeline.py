@@ -118,6 +118,26 @@ def test_pose_off_draws_todays_packed_batch_bit_for_bit(tiny_corpus):
     assert s.rng.bit_generator.state == rng.bit_generator.state  # the stream goes on exactly as before
 
 
+def test_pose_len_packs_several_documents_into_each_skipped_row(tiny_corpus):
+    """--pose_len: rows longer than one document -- several packed documents, the same tokens per step --
+    whose ids still increase and skip within the phase's window."""
+    import data
+    args = distill.parse_args(["--phase", "2", "--positions", "pose", "--pose_len", "96", *TINY])
+    s = argparse.Namespace(pose=True, positions="continuous", window=384, batch=2, max_doc=48,
+                           vocab=data.Vocab.compact(tiny_corpus, 3, 1200), rng=np.random.default_rng(5))
+    s.sampler, _ = distill.sampler_for(args, tiny_corpus, 2)
+    b = distill.draw_batch(args, s)
+    assert b["idx"].shape == b["pos"].shape == (8, 96)  # 2 x 384 tokens -> 8 rows of 96
+    assert (b["doc"][:, -1] >= 1).all()  # documents of <= 48 tokens: at least two in each row
+    d = b["pos"].diff(dim=1)
+    assert b["pos"].max() < 384 and (d >= 1).all() and (d > 1).any()
+    args = distill.parse_args(["--phase", "2", "--positions", "pose", "--pose_len", "48,96", *TINY])
+    assert {distill.draw_batch(args, s)["idx"].shape for _ in range(12)} == {(16, 48), (8, 96)}  # one length per step
+    for bad, msg in (("32", "must be >= the short window 48"), ("48,x", "must be comma-separated integers")):
+        with pytest.raises(distill.UsageError, match=f"--pose_len {msg}"):
+            distill.parse_args(["--phase", "2", "--positions", "pose", "--pose_len", bad, *TINY])
+
+
 def test_pose_rows_are_short_and_the_teacher_sees_the_students_positions(run, tiny_corpus_dir, tmp_path, monkeypatch):
     """An extension phase with --positions pose: rows of the short window, the same tokens per step, ids that
     jump across the long window -- and the teacher's forward gets the very position ids the student's got."""

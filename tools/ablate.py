@@ -3,8 +3,8 @@ The headline comparison of the paper's claim, at toy scale (arXiv 2604.06070; Mo
 does a student trained only on short documents packed into a long window retrieve far beyond its
 documents after logit distillation -- and better than its cross-entropy twin?
 
-    python tools/ablate.py                        # 1 seed: phase 1, ce-long, kd, ce, pose-kd, pose-ce from the default
-                                                  #   teacher and phase 1
+    python tools/ablate.py                        # 1 seed: phase 1, ce-long, kd, ce, pose-kd, pose-ce, pose-rows-ce
+                                                  #   from the default teacher and phase 1
     python tools/ablate.py --seeds 3 --results results/ablation.json     # the README's 3-seed table
     python tools/ablate.py --matrix               # every variant (RoPE rules, masking, the mismatched teacher, ...)
     python tools/ablate.py --regime passkey-only  # the same comparison under one of the old defaults (REGIMES)
@@ -62,6 +62,9 @@ VARIANTS = {
     # positional skip-wise training (PoSE): rows of the short window whose positions skip across the long one
     "pose-kd":      ["--positions", "pose"],
     "pose-ce":      ["--loss", "ce", "--positions", "pose"],
+    # ... in rows of one or two short windows, drawn per step (ROWS): the long window's length as well
+    "pose-rows-kd": ["--positions", "pose"],
+    "pose-rows-ce": ["--loss", "ce", "--positions", "pose"],
     # controls of the mechanistic analyses: the same steps at phase 1's own window and base (no extension),
     # so that what an extension moves can be told from what any further training moves
     "kd-control":   [],
@@ -69,9 +72,11 @@ VARIANTS = {
     # upper reference: long documents (what the method avoids), grown by a curriculum like the teacher's
     "ce-long":      ["--loss", "ce", "--data_mode", "long", "--curriculum", "0.6"],
 }
-# with phase 1, the predecessor's four rows -- and the other road from short data to the long window, PoSE, by CE and by KD
-HEADLINE = ("ce-long", "kd", "ce", "pose-kd", "pose-ce")
-CONTROLS = ("kd-control", "ce-control")  # trained at the short window (extension_flags)
+# with phase 1, the predecessor's four rows -- and the other road from short data to the long window, PoSE, by CE and
+# by KD, and by CE in rows of one or two documents (the road from short data that reaches farthest in the filler)
+HEADLINE = ("ce-long", "kd", "ce", "pose-kd", "pose-ce", "pose-rows-ce")
+CONTROLS = ("kd-control", "ce-control")  # trained at the short window (variant_flags)
+ROWS = ("pose-rows-kd", "pose-rows-ce")  # PoSE rows of 1 or 2 short windows (variant_flags)
 OPTIONAL = ("kd+ce", *CONTROLS)  # not in --matrix
 # The defaults this bench had before its headline regime: each failure is a finding (README, "What we found").
 REGIMES = {
@@ -142,12 +147,18 @@ def extension_flags(args, name, theta1):
     rules that choose every base (phasewise, bound) get none -- so 'fixed' means phase 1's base
     kept, whatever rule trained phase 1.
     """
-    cmd = without_theta1(distill_args(args, 2) + VARIANTS[name])
-    parsed = distill.parse_args(cmd)
-    flags = VARIANTS[name] if parsed.rope in ("phasewise", "bound") else [*VARIANTS[name], "--theta1", repr(theta1)]
+    parsed = distill.parse_args(without_theta1(distill_args(args, 2) + VARIANTS[name]))
+    flags = variant_flags(name, parsed.short_len)
+    return (flags if parsed.rope in ("phasewise", "bound") else [*flags, "--theta1", repr(theta1)]), parsed.rope
+
+
+def variant_flags(name, short_len):
+    """VARIANTS[name], with what depends on the short window: the controls' windows, the PoSE rows' lengths."""
     if name in CONTROLS:  # the last --windows wins: phase 2 at phase 1's window, so the same base too
-        flags = [*flags, "--windows", f"{parsed.short_len},{parsed.short_len}"]
-    return flags, parsed.rope
+        return [*VARIANTS[name], "--windows", f"{short_len},{short_len}"]
+    if name in ROWS:
+        return [*VARIANTS[name], "--pose_len", f"{short_len},{2 * short_len}"]
+    return VARIANTS[name]
 
 
 def default_variants(args):

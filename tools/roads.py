@@ -5,7 +5,7 @@ and their short-context price -- one summary (and figure) of tools/ablate.py res
     python tools/roads.py DEFAULT.json [MORE.json] [--also STRONG.json] [--attention ATT.json] --out results/roads/summary.json
 
 DEFAULT.json [MORE.json ...]: ablate runs of the default teacher and phase 1 with the variants kd, ce, ce-long,
-pose-kd, pose-ce and the controls kd-control, ce-control (phase 1 and the teacher come with the first; several
+pose-kd, pose-ce, pose-rows-kd, pose-rows-ce and the controls kd-control, ce-control (phase 1 and the teacher come with the first; several
 files are pooled); --also: further ablate runs (another teacher or phase 1,
 e.g. the strongest KD configuration of results/long_range), each variant a road named FILE-STEM/VARIANT.
 Per road: passkey exact match by key distance in two haystacks (the eval's filler and held-out text), seed
@@ -35,6 +35,8 @@ LABELS = {"teacher": "the teacher (long documents, window 512)", "phase1": "phas
           "ce-long": "CE on real long documents (upper reference)", "kd": "KD on packed short documents",
           "ce": "CE on packed short documents", "pose-kd": "KD on short rows with skipped positions (PoSE)",
           "pose-ce": "CE on short rows with skipped positions (PoSE)",
+          "pose-rows-kd": "KD, skipped positions, rows of 1-2 documents",
+          "pose-rows-ce": "CE, skipped positions, rows of 1-2 documents",
           # the same steps at phase 1's own window and base: what training alone does to the short context
           "kd-control": "control: KD at phase 1's window, no extension", "ce-control": "control: CE at phase 1's window, no extension"}
 
@@ -48,16 +50,17 @@ def step_cost(setup, variant):
     student's forward and backward (3x its forward) over the step's rows, plus the teacher's forward when the
     variant distils (at the full window: a length curriculum's shorter early rows cost less)."""
     short, window = setup["short_len"], setup["window"]
-    args = distill.parse_args(["--phase", "2", *setup["flags"].split(), *ablate.VARIANTS.get(variant, []),
-                               "--batch", str(setup["batch"]), "--windows", f"{short},{window}"])
-    tokens = distill.rows_of(args, 2) * window  # PoSE: the same tokens in rows of the short window
-    T = short if args.positions == "pose" or variant in ablate.CONTROLS else window
-    per_row = lambda layers, width: 4 * T * T * width * layers  # noqa: E731
-    flops = 3 * per_row(args.student_layers, args.student_embd)
+    args = distill.parse_args(["--phase", "2", *setup["flags"].split(), "--batch", str(setup["batch"]),
+                               "--windows", f"{short},{window}", *ablate.variant_flags(variant, short)])
+    trained = distill.window_of(args, 2)  # the controls': the short window
+    tokens = distill.rows_of(args, 2) * trained  # PoSE: the same tokens in rows of --pose_len
+    lens = distill.pose_lens(args) if args.positions == "pose" else [trained]
+    widths = [(args.student_layers, args.student_embd, 3)]
     if distill.uses_teacher(args, 2):
         t = setup["teacher"]["config"]
-        flops += per_row(t["n_layer"], t["n_embd"])
-    return tokens, tokens // T * flops
+        widths.append((t["n_layer"], t["n_embd"], 1))
+    # one step at each row length (a list of lengths: one drawn per step, so the mean)
+    return tokens, float(np.mean([tokens // T * sum(k * 4 * T * T * C * L for L, C, k in widths) for T in lens]))
 
 
 def road(name, label, r, variant, untimed=()):
