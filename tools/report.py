@@ -167,6 +167,24 @@ def roads_near_key():
     return markdown(["road", "seeds", f"filler haystack, prompt length {head}", "held-out text haystack: the same"], rows)
 
 
+def roads_rows():
+    """PoSE's row length, seed 0 of each: how far one document can span, and what a longer row adds."""
+    rows = []
+    for lens, path, prefix in (((64,), "default_teacher_pose.json", "pose-"), ((128,), "rows_probe_128.json", "pose-"),
+                               ((256,), "rows_probe_256.json", "pose-"), ((64, 256), "rows_probe_64_256.json", "pose-"),
+                               ((64, 128), "default_teacher_pose_rows.json", "pose-rows-")):
+        r = load(f"results/roads/{path}")
+        short, window = r["setup"]["short_len"], r["setup"]["window"]
+        # a document of <= short tokens spans at most short - 1 plus the row's skip, <= window - row
+        longest = min(window - 1, short - 1 + window - min(lens))
+        cells = [r["cells"].get(f"{prefix}{loss}-s0") for loss in ("ce", "kd")]
+        rows.append([" or ".join(map(str, lens)) + (", one per step" if len(lens) > 1 else ""), str(longest),
+                     *(" / ".join(f2(long_range.pooled([c], *map(int, b.split("-")), src)) for b in BUCKETS) if c else "-"
+                       for c in cells for src in ("distance_correct", "text_distance_correct"))])
+    return markdown(["PoSE rows (tokens)", "longest distance inside a document", "CE: filler, 0-64 / 64-128 / 128-256 / 256-512",
+                     "CE: held-out text", "KD: filler", "KD: held-out text"], rows)
+
+
 def roads_attention():
     """What each road's student does at each distance: retrieval-head attention on the needle (one seed)."""
     r = load("results/roads/summary.json")
@@ -493,7 +511,7 @@ def long_range_hypotheses():
                      "KD's reach"], out)
 
 
-TABLES = {"quickstart": quickstart, "spread": spread, "spread_summary": spread_summary, "roads": roads, "roads_strongest": roads_strongest, "roads_price": roads_price, "roads_attention": roads_attention, "roads_in_window": roads_in_window, "roads_near_key": roads_near_key, "headline": headline, "rope_rules": rope_rules,
+TABLES = {"quickstart": quickstart, "spread": spread, "spread_summary": spread_summary, "roads": roads, "roads_strongest": roads_strongest, "roads_price": roads_price, "roads_attention": roads_attention, "roads_in_window": roads_in_window, "roads_near_key": roads_near_key, "roads_rows": roads_rows, "headline": headline, "rope_rules": rope_rules,
           "budget": budget, "head_dim": head_dim, "data_mix": data_mix, "designs": designs,
           "long_range_hypotheses": long_range_hypotheses, "fixed_base_rows": fixed_base_rows, "bound_base_rows": bound_base_rows,
           "bench_cpu": bench_cpu, "factors": factors, "teacher_view": teacher_view, "findings": findings, "rope_schedules": rope_schedules, "query_updates": query_updates,
