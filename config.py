@@ -196,4 +196,8 @@ def validate(args):
         # an equal window is allowed: more training at the same window and base, the control of an extension
         need(all(b >= a for a, b in zip(args.windows, args.windows[1:])), "--windows must not shrink phase by phase")
         need(args.phase <= len(args.windows), f"--windows lists {len(args.windows)} phases; phase {args.phase} needs one more")
+    if args.positions == "pose" and args.pose_len:  # every extension window must leave the longest row room to skip
+        ext = args.windows[1:args.phase] if args.windows else [args.short_len * args.growth ** k for k in range(1, args.phase)]
+        need(all(max(args.pose_len) < w for w in ext if w > args.short_len),
+             f"--pose_len {','.join(map(str, args.pose_len))} leaves no room to skip in an extension window of {ext}")
     need(args.vocab_size is None or args.vocab_size >= 2, "--vocab_size must be >= 2")

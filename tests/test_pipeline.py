@@ -122,7 +122,7 @@ def test_pose_len_packs_several_documents_into_each_skipped_row(tiny_corpus):
     """--pose_len: rows longer than one document -- several packed documents, the same tokens per step --
     whose ids still increase and skip within the phase's window."""
     import data
-    args = distill.parse_args(["--phase", "2", "--positions", "pose", "--pose_len", "96", *TINY])
+    args = distill.parse_args(["--phase", "2", "--positions", "pose", "--pose_len", "96", *TINY, "--growth", "8"])
     s = argparse.Namespace(pose=True, positions="continuous", window=384, batch=2, max_doc=48,
                            vocab=data.Vocab.compact(tiny_corpus, 3, 1200), rng=np.random.default_rng(5))
     s.sampler, _ = distill.sampler_for(args, tiny_corpus, 2)
@@ -131,9 +131,10 @@ def test_pose_len_packs_several_documents_into_each_skipped_row(tiny_corpus):
     assert (b["doc"][:, -1] >= 1).all()  # documents of <= 48 tokens: at least two in each row
     d = b["pos"].diff(dim=1)
     assert b["pos"].max() < 384 and (d >= 1).all() and (d > 1).any()
-    args = distill.parse_args(["--phase", "2", "--positions", "pose", "--pose_len", "48,96", *TINY])
+    args = distill.parse_args(["--phase", "2", "--positions", "pose", "--pose_len", "48,96", *TINY, "--growth", "8"])
     assert {distill.draw_batch(args, s)["idx"].shape for _ in range(12)} == {(16, 48), (8, 96)}  # one length per step
-    for bad, msg in (("32", "must be >= the short window 48"), ("48,x", "must be comma-separated integers")):
+    for bad, msg in (("32", "must be >= the short window 48"), ("48,x", "must be comma-separated integers"),
+                     ("48,96", "48,96 leaves no room to skip in an extension window of \\[96\\]")):
         with pytest.raises(distill.UsageError, match=f"--pose_len {msg}"):
             distill.parse_args(["--phase", "2", "--positions", "pose", "--pose_len", bad, *TINY])
 
