@@ -129,7 +129,7 @@ def plot(s, png):
     plt = eval_retrieval.pyplot()
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.2), sharey=True)
     keys = [f"{lo}-{hi}" for lo, hi in BUCKETS]
     for ax, key, title in ((axes[0], "acc", "the eval's filler haystack"), (axes[1], "text_acc", "held-out text haystack")):
         for i, x in enumerate(x for x in s["roads"] if not x["name"].endswith("-control")):
@@ -138,12 +138,12 @@ def plot(s, png):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ax.errorbar(np.arange(4) + (i - len(s["roads"]) / 2) * 0.03, mean, yerr=np.clip([mean - lo, hi - mean], 0, None),
-                            marker="o", capsize=3, label=f"{x['name']} ({x['seeds']})", color=plt.cm.tab10(i % 10),
-                            linestyle="--" if x["name"] in ("teacher", "phase1", "ce-long") else "-")
+                            marker="o", capsize=3, label=f"{x['name']} ({x['seeds']})", color=plt.cm.tab20(2 * i % 20 + 2 * i // 20),
+                            linestyle="--" if x["name"] in ("teacher", "phase1", "ce-long") else ":" if "/" in x["name"] else "-")
         ax.set_xticks(range(4), keys)
         ax.set(xlabel="key distance (tokens)", title=title, ylim=(-0.05, 1.05))
     axes[0].set_ylabel("passkey exact match")
-    axes[1].legend(fontsize=7, loc="upper right")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the panels: many roads
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     print(f"figure -> {png}")
