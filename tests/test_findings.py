@@ -50,7 +50,9 @@ def test_the_whole_path_on_smoke_runs(tmp_path):
     import roads  # the controls as roads.py sees them: trained in rows of phase 1's window
     assert roads.main([str(tmp_path / "a.json"), "--out", str(tmp_path / "roads.json")]) == 0
     r = {x["name"]: x for x in json.loads((tmp_path / "roads.json").read_text())["roads"]}
-    assert r["kd-control"]["attention_gflop_per_step"] == pytest.approx(r["pose-kd"]["attention_gflop_per_step"])
-    assert r["ce-control"]["attention_gflop_per_step"] * 8 == pytest.approx(r["ce"]["attention_gflop_per_step"])
+    # smoke: one row per step at the short window (batch 1), where PoSE packs 512 tokens into 8 rows of 64
+    assert r["kd-control"]["tokens"] == 2 * 64 and r["pose-kd"]["tokens"] == 2 * 512
+    assert r["kd-control"]["attention_gflop_per_step"] * 8 == pytest.approx(r["pose-kd"]["attention_gflop_per_step"])
+    assert r["ce-control"]["attention_gflop_per_step"] * 64 == pytest.approx(r["ce"]["attention_gflop_per_step"])
     with pytest.raises(SystemExit, match="checkpoints missing"):
         findings.main([*argv[:-2], "--runs", str(tmp_path / "nothing")])
