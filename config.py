@@ -154,6 +154,15 @@ def _values(value):
     return value if isinstance(value, tuple) else (value,)
 
 
+def window_of(args, phase):
+    """The window phase `phase` trains: the teacher's, one of --windows, or the short window grown per phase."""
+    if phase == 0:
+        return args.teacher_window
+    if args.windows:
+        return args.windows[phase - 1]
+    return args.short_len * args.growth ** (phase - 1)
+
+
 def validate(args):
     def need(cond, msg):
         if not cond:
@@ -197,7 +206,7 @@ def validate(args):
         need(all(b >= a for a, b in zip(args.windows, args.windows[1:])), "--windows must not shrink phase by phase")
         need(args.phase <= len(args.windows), f"--windows lists {len(args.windows)} phases; phase {args.phase} needs one more")
     if args.positions == "pose" and args.pose_len:  # every extension window must leave the longest row room to skip
-        ext = args.windows[1:args.phase] if args.windows else [args.short_len * args.growth ** k for k in range(1, args.phase)]
+        ext = [window_of(args, k) for k in range(2, args.phase + 1)]
         need(all(max(args.pose_len) < w for w in ext if w > args.short_len),
              f"--pose_len {','.join(map(str, args.pose_len))} leaves no room to skip in an extension window of {ext}")
     need(args.vocab_size is None or args.vocab_size >= 2, "--vocab_size must be >= 2")

@@ -32,19 +32,11 @@ import checkpoint
 import data
 import eval_retrieval
 import rope
-from config import PRESETS, TEACHER_DATA, UsageError, parse_args, per_phase  # noqa: F401 (PRESETS: read by the tools)
+from config import PRESETS, TEACHER_DATA, UsageError, parse_args, per_phase, window_of  # noqa: F401 (PRESETS: read by the tools)
 from loss import free_buffers, head_loss
 from model import GPT, GPTConfig
 
 # ---- what each phase trains --------------------------------------------------------------
-
-def window_of(args, phase):
-    if phase == 0:
-        return args.teacher_window
-    if args.windows:
-        return args.windows[phase - 1]
-    return args.short_len * args.growth ** (phase - 1)
-
 
 def pose_lens(args):
     """PoSE's row lengths: the short window unless --pose_len packs several documents into a row."""
