@@ -414,6 +414,12 @@ def pose_positions(rng, rows, length, window, chunks=2):
     return torch.from_numpy(out)
 
 
+def pose_span(doc_len, row, window):
+    """The most positions one document of doc_len tokens can span inside a PoSE row of `row` tokens: its own
+    length plus the row's whole skip (at most window - row), never past the window."""
+    return min(window - 1, doc_len - 1 + window - row)
+
+
 def make_batch(rows, vocab):
     """Stack packed rows into tensors: idx, targets (-1 where no target), weights, doc ids (GPT-2 -> vocab ids)."""
     tok, w, doc = (np.stack(x) for x in zip(*rows))

@@ -285,7 +285,7 @@ doc = windows[0]  # the longest document
 for R in (r for r in (doc, 2 * doc, 4 * doc) if r < windows[1]):
     ids = data.pose_positions(np.random.default_rng(2), 2000, R, windows[1], args.pose_chunks)
     inside = int((ids[:, doc - 1:] - ids[:, :R - doc + 1]).max())  # over every run of `doc` consecutive tokens
-    bound = doc - 1 + windows[1] - R
+    bound = data.pose_span(doc, R, windows[1])
     assert bound - 8 <= inside <= bound, f"rows of {R}: a document spans up to {inside}, expected about {bound}"
     print(f"rows of {R} tokens: one {doc}-token document spans up to {inside} positions (bound {bound})")
 

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ablate  # noqa: E402
 import long_range  # noqa: E402
 import roads as roads_tool  # noqa: E402  (the tool; `roads` below is its table)
-from ablate import eval_retrieval  # noqa: E402
+from ablate import data, eval_retrieval  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", "tools/README.md", "results/README.md", *sorted(glob.glob("results/*/README.md", root_dir=ROOT))]
@@ -175,8 +175,7 @@ def roads_rows():
                                ((64, 128), "default_teacher_pose_rows.json", "pose-rows-")):
         r = load(f"results/roads/{path}")
         short, window = r["setup"]["short_len"], r["setup"]["window"]
-        # a document of <= short tokens spans at most short - 1 plus the row's skip, <= window - row
-        longest = min(window - 1, short - 1 + window - min(lens))
+        longest = max(data.pose_span(short, R, window) for R in lens)
         cells = [r["cells"].get(f"{prefix}{loss}-s0") for loss in ("ce", "kd")]
         rows.append([" or ".join(map(str, lens)) + (", one per step" if len(lens) > 1 else ""), str(longest),
                      *(" / ".join(f2(long_range.pooled([c], *map(int, b.split("-")), src)) for b in BUCKETS) if c else "-"
