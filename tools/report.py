@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ablate  # noqa: E402
 import long_range  # noqa: E402
 import roads as roads_tool  # noqa: E402  (the tool; `roads` below is its table)
-from ablate import data, eval_retrieval  # noqa: E402
+from ablate import data, distill, eval_retrieval  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", "tools/README.md", "results/README.md", *sorted(glob.glob("results/*/README.md", root_dir=ROOT))]
@@ -170,12 +170,12 @@ def roads_near_key():
 def roads_rows():
     """PoSE's row length, seed 0 of each: how far one document can span, and what a longer row adds."""
     rows = []
-    for lens, path, prefix in (((64,), "default_teacher_pose.json", "pose-"), ((128,), "rows_probe_128.json", "pose-"),
-                               ((256,), "rows_probe_256.json", "pose-"), ((64, 256), "rows_probe_64_256.json", "pose-"),
-                               ((64, 128), "default_teacher_pose_rows.json", "pose-rows-")):
+    for path, prefix in (("default_teacher_pose.json", "pose-"), ("rows_probe_128.json", "pose-"), ("rows_probe_256.json", "pose-"),
+                         ("rows_probe_64_256.json", "pose-"), ("default_teacher_pose_rows.json", "pose-rows-")):
         r = load(f"results/roads/{path}")
-        short, window = r["setup"]["short_len"], r["setup"]["window"]
-        longest = max(data.pose_span(short, R, window) for R in lens)
+        setup = r["setup"]
+        lens = distill.pose_lens(roads_tool.extension_args(setup, f"{prefix}ce"))  # as the runs trained
+        longest = max(data.pose_span(setup["short_len"], R, setup["window"]) for R in lens)
         cells = [r["cells"].get(f"{prefix}{loss}-s0") for loss in ("ce", "kd")]
         rows.append([" or ".join(map(str, lens)) + (", one per step" if len(lens) > 1 else ""), str(longest),
                      *(" / ".join(f2(long_range.pooled([c], *map(int, b.split("-")), src)) for b in BUCKETS) if c else "-"

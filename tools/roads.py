@@ -45,13 +45,18 @@ def f2(x):
     return "-" if x is None else f"{x:.2f}"
 
 
+def extension_args(setup, variant):
+    """The distill.py arguments of a variant's extension phase, from an ablate file's setup."""
+    short, window = setup["short_len"], setup["window"]
+    return distill.parse_args(["--phase", "2", *setup["flags"].split(), "--batch", str(setup["batch"]),
+                               "--windows", f"{short},{window}", *ablate.variant_flags(variant, short)])
+
+
 def step_cost(setup, variant):
     """(tokens, dense attention FLOPs) of one optimizer step.  Attention: QK^T and AV, 2*T*T*d each, for the
     student's forward and backward (3x its forward) over the step's rows, plus the teacher's forward when the
     variant distils (at the full window: a length curriculum's shorter early rows cost less)."""
-    short, window = setup["short_len"], setup["window"]
-    args = distill.parse_args(["--phase", "2", *setup["flags"].split(), "--batch", str(setup["batch"]),
-                               "--windows", f"{short},{window}", *ablate.variant_flags(variant, short)])
+    args = extension_args(setup, variant)
     trained = distill.window_of(args, 2)  # the controls': the short window
     tokens = distill.rows_of(args, 2) * trained  # PoSE: the same tokens in rows of --pose_len
     lens = distill.pose_lens(args) if args.positions == "pose" else [trained]
