@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -517,9 +518,15 @@ def main(argv=None):
     return 0
 
 
+def run_key(key):
+    """A run's name 'VARIANT-sK' -> (VARIANT, K); a name without a seed ('teacher', 'phase1') -> (key, None)."""
+    m = re.fullmatch(r"(.+)-s(\d+)", key)
+    return (m[1], int(m[2])) if m else (key, None)
+
+
 def seed_cells(cells, name):
     """The cells of one variant: 'teacher' / 'phase1' themselves, or every seed 'name-sK'."""
-    return [c for k, c in cells.items() if k == name or k.rsplit("-s", 1)[0] == name]
+    return [c for k, c in cells.items() if run_key(k)[0] == name]
 
 
 def summarise(args, names, rules, cells, channel, lengths, tck, s1ck, train_min, total_min):

@@ -92,7 +92,7 @@ def finding1(paths, ckpt):
         row = roads.road(variant, rule, r, variant)
         per_seed = [roads.long_range.pooled([c], SCORE[0][0], SCORE[-1][1]) for c in cells]
         score[rule] = spread(per_seed)
-        first = int(next(k for k in r["cells"] if k.rsplit("-s", 1)[0] == variant).rsplit("-s", 1)[1])
+        first = next(seed for variant_, seed in map(roads.ablate.run_key, r["cells"]) if variant_ == variant)
         rows.append({"rule": rule, "variant": variant, "seeds": row["seeds"], "rope": checkpoint.load(ckpt(variant, first))["model_config"]["rope"],
                      "acc_by_distance": row["acc_by_distance"],
                      "acc_range": row["acc_range"], "text_acc_by_distance": row["text_acc_by_distance"],

@@ -130,7 +130,7 @@ def by_road(path, measure):
     out = {}
     for name, m in load(path)["models"].items():
         base = os.path.basename(name)
-        road = {"phase0.pt": "teacher", "phase1.pt": "phase1"}.get(base) or os.path.basename(os.path.dirname(name)).rsplit("-s", 1)[0]
+        road = {"phase0.pt": "teacher", "phase1.pt": "phase1"}.get(base) or ablate.run_key(os.path.basename(os.path.dirname(name)))[0]
         out.setdefault(road, []).append(measure(m["records"]))
     return out
 
@@ -146,13 +146,17 @@ def in_window(path):
 
 def roads_in_window():
     """Every road at prompts of exactly its 512-token window, the needle anywhere in it, both haystacks."""
-    own = {"teacher": "its teacher (trained at 2048 tokens)", "phase1": "its phase 1 (documents <= 128 tokens)"}
     rows = []
-    for stem, labels in (("", roads_tool.LABELS), ("strongest_", {**roads_tool.LABELS, **own})):
+    for stem in ("", "strongest_"):
         filler, text = (in_window(f"results/roads/{stem}in_window_{h}.json") for h in ("filler", "text"))
+        # the strongest configuration's file: its own teacher, window read from the file, and its own phase 1
+        w = next(m["window"] for n, m in load(f"results/roads/{stem}in_window_filler.json")["models"].items()
+                 if os.path.basename(n) == "phase0.pt")
+        own = {"teacher": f"its teacher (trained at {w} tokens)", "phase1": "its phase 1 (documents <= 128 tokens)"}
         for road, seeds in filler.items():
+            label = roads_tool.LABELS[road] if not stem else own.get(road, f"{roads_tool.LABELS[road]} ({w}-token teacher)")
             cells = [seed_spreads(hay[road], BUCKETS) for hay in (filler, text)]
-            rows.append([labels[road] if not stem or road in own else f"{labels[road]} (2048-token teacher)", str(len(seeds)), *cells])
+            rows.append([label, str(len(seeds)), *cells])
     return markdown(["road", "seeds", "filler haystack: 0-64 / 64-128 / 128-256 / 256-512", "held-out text haystack: the same"], rows)
 
 

@@ -86,7 +86,7 @@ def road(name, label, r, variant, untimed=()):
     out["tokens"] = setup["steps"] * tokens if trained else None
     out["attention_gflop_per_step"] = flops / 1e9 if trained else None
     timed = [c["train_minutes"] for k, c in r["cells"].items()
-             if k.rsplit("-s", 1)[0] == variant and c["train_minutes"] is not None and k not in untimed]
+             if ablate.run_key(k)[0] == variant and c["train_minutes"] is not None and k not in untimed]
     out["wall_min"] = float(np.mean(timed)) if trained and timed else None
     return out
 

@@ -61,11 +61,12 @@ def extension_runs(path):
                        if m in r["cells"] else None for m in ("teacher", "phase1"))
     out = []
     for name, cell in r["cells"].items():
-        if name.rsplit("-s", 1)[0] != "kd":
+        variant, seed = ablate.run_key(name)
+        if variant != "kd":
             continue
         recs = [{"distance": d, "correct": c} for d, c in cell["distance_correct"]]
         out.append({"scope": "extension only: the second command with --seed K at 1 thread, from the same teacher and phase 1",
-                    "file": path, "seed": int(name.rsplit("-s", 1)[1]), "threads": 1, "cpu": r.get("cpu"),
+                    "file": path, "seed": seed, "threads": 1, "cpu": r.get("cpu"),
                     "prompts_per_cell": r["setup"]["prompts_per_cell"], "acc_by_distance": eval_retrieval.by_distance(recs, BUCKETS),
                     "teacher_acc_by_distance": teacher, "phase1_acc_by_distance": phase1, "reach": reach(recs), "minutes": cell["train_minutes"]})
     return out
