@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 
 import numpy as np
@@ -159,6 +160,12 @@ def text_loss_by_position(model, vocab, corpus, window, n_windows=16, buckets=4,
     return [float(c.mean()) for c in nll.chunk(buckets, dim=1)]
 
 
+def command_line(script, argv=None):
+    """The command that reruns a script, as a shell reads it: an argument with spaces (--flags '--x 1') or an
+    empty one stays one argument."""
+    return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+
+
 def machine():
     """What a number was measured on: CPU model, cores, torch threads and version (results differ in the last
     floating-point bits across machines and thread counts, and trained models with them)."""
@@ -265,7 +272,7 @@ def main(argv=None):
                       "trained_on": ck.get("machine"), "seed": ck.get("args", {}).get("seed"), "records": r}
                   for n, w, r, (_, _, ck) in zip(names, windows, results, loaded)}
         with open(args.json, "w") as fh:
-            json.dump({"command": "python eval_retrieval.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            json.dump({"command": command_line("eval_retrieval.py", argv),
                        "lengths": lengths, "depths": depths, "n": args.n, "seed": args.seed, "haystack": args.haystack,
                        "prompts_per_cell": args.n, "distance_buckets": [f"{lo}-{hi}" for lo, hi in buckets],
                        "evaluated_on": machine(), "models": models}, fh, indent=1)

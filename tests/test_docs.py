@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import shlex
 
 import pytest
 
@@ -23,6 +24,19 @@ def test_every_results_folder_shows_the_stored_commands_of_its_files():
         if stored:
             with open(folder + "README.md") as fh:
                 assert "<!-- commands -->" in fh.read(), f"{folder}README.md has no commands of record"
+
+
+def test_every_stored_ablate_command_reruns_as_written():
+    """A command of record is copied into a shell: --flags '--x 1' must keep its quotes, an empty value its ''."""
+    import ablate
+    cmds = [c for f in glob.glob(os.path.join(ROOT, "results", "**", "*.json"), recursive=True)
+            for c in ([report.stored_command(f)] if isinstance(report.stored_command(f), str) else report.stored_command(f) or [])
+            if c.split()[1].endswith("ablate.py")]
+    assert len(cmds) > 40
+    for c in cmds:
+        ablate.parse_args(shlex.split(c)[2:])  # argparse exits (a test failure) on '--flags --pose_len 128'
+    with pytest.raises(SystemExit):
+        ablate.parse_args("--flags --pose_len 128 --seeds 1".split())
 
 
 def test_every_marker_names_a_known_table_and_every_table_is_shown():

@@ -393,7 +393,7 @@ def channel_by_design(args):
               (f" | answers: own key {a['own_key_full']:.2f} full / {a['own_key_doc']:.2f} doc, other keys "
                f"{a['other_keys_full']:.2f} / {a['other_keys_doc']:.3f}" if a["n"] else ""), flush=True)
     with open(args.results, "w") as fh:
-        json.dump({"command": "python tools/ablate.py " + " ".join(sys.argv[1:]), "teacher": args.teacher, **out}, fh, indent=1)
+        json.dump({"command": eval_retrieval.command_line("tools/ablate.py"), "teacher": args.teacher, **out}, fh, indent=1)
     print(f"-> {args.results}")
     return 0
 
@@ -575,7 +575,7 @@ def summarise(args, names, rules, cells, channel, lengths, tck, s1ck, train_min,
                           "rope": rules.get(name), "seeds": len(seed_cells(table, name))}
     phase1_window = eval_retrieval.accuracy(cells["phase1"]["records"], length=args.short)
     return {
-        "command": "python tools/ablate.py " + " ".join(sys.argv[1:]),
+        "command": eval_retrieval.command_line("tools/ablate.py"),
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "cpu": eval_retrieval.machine()["cpu"],
         # this invocation (finished runs are reused, not retrained) and every run's own training time
         "minutes": {"training": round(train_min, 1), "total": round(total_min, 1),

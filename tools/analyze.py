@@ -494,7 +494,7 @@ def cmd_perturb(args):
                 line += "  |" + "".join(fmt(x["kl"], 9) for x in r["control"])
             print(line)
     if args.json:
-        write_json(args.json, {"command": "python tools/analyze.py " + " ".join(sys.argv[1:]), "settings": {**kw, "window": window, "input": args.input,
+        write_json(args.json, {"command": eval_retrieval.command_line("tools/analyze.py"), "settings": {**kw, "window": window, "input": args.input,
                                                                  "period": args.period, "samples": args.samples},
                                "models": results})
     if args.png:
@@ -558,7 +558,7 @@ def cmd_updates(args):
           + ", ".join(f"b{j} {x:.3g}" for j, x in enumerate(q_band) if j != top))
     if args.json:
         write_json(args.json, {
-            "command": "python tools/analyze.py " + " ".join(sys.argv[1:]), "before": args.before, "after": args.after, "length": length, "samples": args.samples,
+            "command": eval_retrieval.command_line("tools/analyze.py"), "before": args.before, "after": args.after, "length": length, "samples": args.samples,
             "rope_before": c0["model_config"]["rope"], "rope_after": c1["model_config"]["rope"],
             "window_before": c0.get("window"), "window_after": c1.get("window"),
             "wavelength_before": wl0, "wavelength_after": wl1, "bands": band_list,

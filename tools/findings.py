@@ -263,7 +263,7 @@ def main(argv=None):
                if not os.path.exists(p)]
     if missing:
         sys.exit(f"error: {len(missing)} checkpoints missing, first {missing[0]} (train them: see --help)")
-    command = "python tools/findings.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = eval_retrieval.command_line("tools/findings.py", argv)
     with torch.no_grad():  # a context, not a global switch: tests call main() in their own process
         return run(args, seeds, ckpt, command.strip())
 

@@ -159,7 +159,7 @@ def short_pipeline(device, out, tiny):
     flags += ["--smoke"] if tiny else ["--teacher_steps", "300", "--steps", "200", "--eval_n", "4", "--ckpt_every", "1000"]
     t0 = time.time()
     code = distill.main(flags)
-    result = {"command": "python distill.py " + " ".join(flags), "exit": code, "seconds": round(time.time() - t0, 1)}
+    result = {"command": ablate.eval_retrieval.command_line("distill.py", flags), "exit": code, "seconds": round(time.time() - t0, 1)}
     for k in range(3):
         path = os.path.join(out, f"phase{k}.eval.json")
         if os.path.exists(path):

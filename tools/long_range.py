@@ -197,7 +197,7 @@ def main(argv=None):
         res = attention_by_distance(args.configs, eval_retrieval.default_lengths(512), args.n)
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as fh:
-            json.dump({"command": "python tools/long_range.py " + " ".join(sys.argv[1:]), "models": res}, fh, indent=1)
+            json.dump({"command": eval_retrieval.command_line("tools/long_range.py"), "models": res}, fh, indent=1)
         print(f"-> {args.out}")
         return 0
     out = []

@@ -168,7 +168,7 @@ def main(argv=None):
             print(f"error: {path}: no such results file", file=sys.stderr)
             return 2
     s = summarise(args.default, args.also, args.attention, args.untimed.split(",") if args.untimed else ())
-    s["command"] = "python tools/roads.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    s["command"] = eval_retrieval.command_line("tools/roads.py", argv)
     with open(args.out, "w") as fh:
         json.dump(s, fh, indent=1)
     print(f"-> {args.out}")

@@ -104,7 +104,7 @@ def main(argv=None):
     runs = [quickstart_run(q) for q in args.quickstart]
     runs += extension_runs(args.extension) if args.extension else []
     runs += json.load(open(args.log)) if args.log else []
-    s = {"command": "python tools/spread.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    s = {"command": eval_retrieval.command_line("tools/spread.py", argv),
          "summary": summary(runs), "runs": runs}
     with open(args.out, "w") as fh:
         json.dump(s, fh, indent=1)
