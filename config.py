@@ -105,6 +105,9 @@ def parse_args(argv=None):
     g("--pose_len", default=None, help="row length with --positions pose (default: the short window); longer rows "
       "pack several short documents (attention across them, as --packing says), so that a row trains the long "
       "window's length as well as its distances; a comma-separated list draws one length per step")
+    g("--pose_reach", type=int, default=None, help="with --positions pose, skipped ids stay below this (default: the "
+      "extension phase's window); past the window, a row of several documents can still span the window's farthest "
+      "distances inside one document (a row of R tokens skips at most reach - R)")
     g("--data_mode", choices=["short", "long"], default="short",
       help="extension-phase data: short documents packed (the method) or long documents (the reference it avoids)")
     g("--snippets", choices=data.SNIPPETS, default="random",
@@ -209,4 +212,7 @@ def validate(args):
         ext = [window_of(args, k) for k in range(2, args.phase + 1)]
         need(all(max(args.pose_len) < w for w in ext if w > args.short_len),
              f"--pose_len {','.join(map(str, args.pose_len))} leaves no room to skip in an extension window of {ext}")
+    if args.positions == "pose" and args.pose_reach is not None:
+        ext = max(window_of(args, k) for k in range(2, max(args.phase, 2) + 1))
+        need(args.pose_reach >= ext, f"--pose_reach must be at least the extension window {ext}, got {args.pose_reach}")
     need(args.vocab_size is None or args.vocab_size >= 2, "--vocab_size must be >= 2")

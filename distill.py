@@ -199,7 +199,7 @@ def run_phase(args, phase, corpus, device, rank, world):
               f"window {s.window}, RoPE {rope.describe(s.model.cfg.rope)}, loss "
               f"{'CE' if s.mix == 0 else 'KD' if s.mix == 1 else f'{s.mix}*KD+{1 - s.mix:g}*CE'}, data "
               f"{'long documents' if s.max_doc is None else f'documents <= {s.max_doc} tokens'} ({s.packing}, "
-              f"{f'PoSE: rows of {rows} in {args.pose_chunks} chunks' if s.pose else s.positions}), "
+              f"{f'PoSE: rows of {rows} in {args.pose_chunks} chunks, ids < {args.pose_reach or s.window}' if s.pose else s.positions}), "
               f"vocab {len(s.vocab)}, {s.steps} steps x {s.batch} x {s.window} tokens, init {s.lineage}")
     t0 = time.time()
     stats = train_loop(args, s, device, rank, world)
@@ -295,7 +295,7 @@ def draw_batch(args, s):
     else:
         T, n_rows = step_shape(s.sampler, s.window, s.batch)
     full = data.make_batch([data.pack(s.sampler, s.rng, T, s.max_doc) for _ in range(n_rows)], s.vocab)
-    full["pos"] = (data.pose_positions(s.rng, n_rows, T, s.window, args.pose_chunks) if s.pose
+    full["pos"] = (data.pose_positions(s.rng, n_rows, T, args.pose_reach or s.window, args.pose_chunks) if s.pose
                    else data.positions_from_docs(full["doc"], s.positions))
     return full
 

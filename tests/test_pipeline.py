@@ -139,6 +139,23 @@ def test_pose_len_packs_several_documents_into_each_skipped_row(tiny_corpus):
             distill.parse_args(["--phase", "2", "--positions", "pose", "--pose_len", bad, *TINY])
 
 
+def test_pose_reach_lets_skipped_ids_pass_the_window(tiny_corpus):
+    """--pose_reach: the same rows, ids below the reach instead of the window; less than the window is an error."""
+    import data
+    s = argparse.Namespace(pose=True, positions="continuous", window=384, batch=2, max_doc=48,
+                           vocab=data.Vocab.compact(tiny_corpus, 3, 1200), rng=np.random.default_rng(5))
+    top = {}
+    for reach in ("384", "768"):
+        args = distill.parse_args(["--phase", "2", "--positions", "pose", "--pose_reach", reach, *TINY, "--growth", "8"])
+        s.sampler, _ = distill.sampler_for(args, tiny_corpus, 2)
+        pos = torch.cat([distill.draw_batch(args, s)["pos"] for _ in range(4)])
+        assert pos.shape[1] == 48 and (pos.diff(dim=1) >= 1).all()
+        top[reach] = int(pos.max())
+    assert top["384"] < 384 < top["768"] < 768
+    with pytest.raises(distill.UsageError, match="--pose_reach must be at least the extension window 384, got 200"):
+        distill.parse_args(["--phase", "2", "--positions", "pose", "--pose_reach", "200", *TINY, "--growth", "8"])
+
+
 def test_pose_rows_are_short_and_the_teacher_sees_the_students_positions(run, tiny_corpus_dir, tmp_path, monkeypatch):
     """An extension phase with --positions pose: rows of the short window, the same tokens per step, ids that
     jump across the long window -- and the teacher's forward gets the very position ids the student's got."""
