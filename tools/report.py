@@ -17,6 +17,7 @@ import json
 import os
 import re
 import sys
+from fractions import Fraction
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +29,7 @@ from ablate import data, distill, eval_retrieval  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", "tools/README.md", "results/README.md", *sorted(glob.glob("results/*/README.md", root_dir=ROOT))]
 BUCKETS = ("0-64", "64-128", "128-256", "256-512")
+BOUNDS = [tuple(map(int, b.split("-"))) for b in BUCKETS]  # (lo, hi) of each, as eval_retrieval.by_distance takes them
 
 
 def load(path, _cache={}):
@@ -141,7 +143,7 @@ def seed_spreads(per_seed, keys):
 
 
 def in_window(path):
-    return by_road(path, lambda recs: eval_retrieval.by_distance(recs, [tuple(map(int, b.split("-"))) for b in BUCKETS]))
+    return by_road(path, lambda recs: eval_retrieval.by_distance(recs, BOUNDS))
 
 
 def roads_in_window():
@@ -182,10 +184,49 @@ def roads_rows():
         longest = max(data.pose_span(setup["short_len"], R, setup["window"]) for R in lens)
         cells = [r["cells"].get(f"{prefix}{loss}-s0") for loss in ("ce", "kd")]
         rows.append([" or ".join(map(str, lens)) + (", one per step" if len(lens) > 1 else ""), str(longest),
-                     *(" / ".join(f2(long_range.pooled([c], *map(int, b.split("-")), src)) for b in BUCKETS) if c else "-"
+                     *(" / ".join(f2(long_range.pooled([c], lo, hi, src)) for lo, hi in BOUNDS) if c else "-"
                        for c in cells for src in ("distance_correct", "text_distance_correct"))])
     return markdown(["PoSE rows (tokens)", "longest distance inside a document", "CE: filler, 0-64 / 64-128 / 128-256 / 256-512",
                      "CE: held-out text", "KD: filler", "KD: held-out text"], rows)
+
+
+ROW_MIXES = (("default_teacher_packed.json", "ce-long"), ("default_teacher_pose.json", "pose-ce"),
+             ("rows_mix_64_64_64_64_128.json", "pose-ce"), ("rows_mix_64_64_64_128.json", "pose-ce"), ("rows_mix_64_64_128.json", "pose-ce"), ("default_teacher_pose_rows.json", "pose-rows-ce"),
+             ("rows_mix_64_96.json", "pose-ce"),
+             ("rows_reach_64_64_128.json", "pose-ce"), ("rows_reach_128.json", "pose-ce"))
+
+
+def roads_mix():
+    """CE on skipped positions by how often a step draws rows of one document (only they span the far keys) rather
+    than longer rows (only they hold a long prompt's worth of tokens); CE on long documents first, as the target."""
+    at_window = {hay: {name: eval_retrieval.by_distance(m["records"], BOUNDS)
+                       for f in ("in_window", "rows_mix_in_window", "rows_reach_in_window") for name, m in load(f"results/roads/{f}_{hay}.json")["models"].items()}
+                 for hay in ("filler", "text")}
+    rows = []
+    for path, variant in ROW_MIXES:
+        r = load(f"results/roads/{path}")
+        setup = r["setup"]
+        x, cells = roads_tool.road(variant, "", r, variant), ablate.seed_cells(r["cells"], variant)
+        if variant == "ce-long":
+            rows_drawn, share = "long documents (CE on long documents)", "-"
+        else:
+            ext = roads_tool.extension_args(setup, variant)
+            lens = distill.pose_lens(ext)
+            rows_drawn = (", ".join(map(str, lens[:-1])) + " or " * (len(lens) > 1) + str(lens[-1]) +
+                          (f"; ids reach {ext.pose_reach}" if ext.pose_reach else ""))
+            share = str(Fraction(lens.count(setup["short_len"]), len(lens)))
+        out = re.search(r"--out (\S+)", r["command"])[1]  # the window's evals name checkpoints OUT/VARIANT-sK/phase2.pt
+        window = [ablate.spread([by[BUCKETS[-1]] for name, by in at_window[hay].items()
+                                 if os.path.dirname(os.path.dirname(name)) == out and ablate.run_key(os.path.basename(os.path.dirname(name)))[0] == variant])
+                  for hay in ("filler", "text")]
+        far = lambda key: " / ".join(ablate.mean_range(x[key + "acc_by_distance"][b], *x[key + "acc_range"][b])  # noqa: E731
+                                     for b in BUCKETS[2:])
+        rows.append([rows_drawn, share, str(x["seeds"]), far(""), far("text_"),
+                     " / ".join(window),
+                     f2(x["short_text_loss"]), f2(x["short_passkey_acc"]), f2(x["text_loss_by_quarter"][-1]), f"{x['wall_min']:.1f}"])
+    return markdown(["rows drawn per step (tokens)", "steps of one-document rows", "seeds", "filler: 128-256 / 256-512",
+                     "held-out text: 128-256 / 256-512", f"{setup['window']}-token prompts, 256-512: filler / text", "short text loss",
+                     f"passkey at {setup['short_len']}", "loss, the window's last quarter", "minutes per run"], rows)
 
 
 def roads_attention():
@@ -514,7 +555,7 @@ def long_range_hypotheses():
                      "KD's reach"], out)
 
 
-TABLES = {"quickstart": quickstart, "spread": spread, "spread_summary": spread_summary, "roads": roads, "roads_strongest": roads_strongest, "roads_price": roads_price, "roads_attention": roads_attention, "roads_in_window": roads_in_window, "roads_near_key": roads_near_key, "roads_rows": roads_rows, "headline": headline, "rope_rules": rope_rules,
+TABLES = {"quickstart": quickstart, "spread": spread, "spread_summary": spread_summary, "roads": roads, "roads_strongest": roads_strongest, "roads_price": roads_price, "roads_attention": roads_attention, "roads_in_window": roads_in_window, "roads_near_key": roads_near_key, "roads_rows": roads_rows, "roads_mix": roads_mix, "headline": headline, "rope_rules": rope_rules,
           "budget": budget, "head_dim": head_dim, "data_mix": data_mix, "designs": designs,
           "long_range_hypotheses": long_range_hypotheses, "fixed_base_rows": fixed_base_rows, "bound_base_rows": bound_base_rows,
           "bench_cpu": bench_cpu, "factors": factors, "teacher_view": teacher_view, "findings": findings, "rope_schedules": rope_schedules, "query_updates": query_updates,
