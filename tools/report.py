@@ -190,21 +190,21 @@ def roads_rows():
                      "CE: held-out text", "KD: filler", "KD: held-out text"], rows)
 
 
-ROW_MIXES = (("default_teacher_packed.json", "ce-long"), ("default_teacher_pose.json", "pose-ce"),
+ROW_MIXES = (("default_teacher_packed.json+ce_long_seed3_4.json", "ce-long"), ("default_teacher_pose.json", "pose-ce"),
              ("rows_mix_64_64_64_64_128.json", "pose-ce"), ("rows_mix_64_64_64_128.json", "pose-ce"), ("rows_mix_64_64_128.json", "pose-ce"), ("default_teacher_pose_rows.json", "pose-rows-ce"),
              ("rows_mix_64_96.json", "pose-ce"),
-             ("rows_reach_64_64_128.json", "pose-ce"), ("rows_reach_128.json", "pose-ce"))
+             ("rows_reach_64_64_128.json+rows_reach_64_64_128_seed3_4.json", "pose-ce"), ("rows_reach_128.json", "pose-ce"))
 
 
 def roads_mix():
     """CE on skipped positions by how often a step draws rows of one document (only they span the far keys) rather
     than longer rows (only they hold a long prompt's worth of tokens); CE on long documents first, as the target."""
     at_window = {hay: {name: eval_retrieval.by_distance(m["records"], BOUNDS)
-                       for f in ("in_window", "rows_mix_in_window", "rows_reach_in_window") for name, m in load(f"results/roads/{f}_{hay}.json")["models"].items()}
+                       for f in ("in_window", "rows_mix_in_window", "rows_reach_in_window", "seeds3_4_in_window") for name, m in load(f"results/roads/{f}_{hay}.json")["models"].items()}
                  for hay in ("filler", "text")}
     rows = []
-    for path, variant in ROW_MIXES:
-        r = load(f"results/roads/{path}")
+    for path, variant in ROW_MIXES:  # "a.json+b.json": more seeds of one configuration, pooled
+        r = roads_tool.pooled_files([os.path.join(ROOT, "results", "roads", p) for p in path.split("+")])
         setup = r["setup"]
         x, cells = roads_tool.road(variant, "", r, variant), ablate.seed_cells(r["cells"], variant)
         if variant == "ce-long":
