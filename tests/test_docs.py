@@ -29,9 +29,10 @@ def test_every_results_folder_shows_the_stored_commands_of_its_files():
 def test_every_stored_ablate_command_reruns_as_written():
     """A command of record is copied into a shell: --flags '--x 1' must keep its quotes, an empty value its ''."""
     import ablate
-    cmds = [c for f in glob.glob(os.path.join(ROOT, "results", "**", "*.json"), recursive=True)
-            for c in ([report.stored_command(f)] if isinstance(report.stored_command(f), str) else report.stored_command(f) or [])
-            if c.split()[1].endswith("ablate.py")]
+    cmds = []
+    for f in glob.glob(os.path.join(ROOT, "results", "**", "*.json"), recursive=True):
+        stored = report.stored_command(f) or []  # a string, or a summary's list of its runs' commands
+        cmds += [c for c in ([stored] if isinstance(stored, str) else stored) if c.split()[1].endswith("ablate.py")]
     assert len(cmds) > 40
     for c in cmds:
         ablate.parse_args(shlex.split(c)[2:])  # argparse exits (a test failure) on '--flags --pose_len 128'

@@ -191,22 +191,27 @@ def roads_rows():
 
 
 ROW_MIXES = (("default_teacher_packed.json+ce_long_seed3_4.json", "ce-long"), ("default_teacher_pose.json", "pose-ce"),
-             ("rows_mix_64_64_64_64_128.json", "pose-ce"), ("rows_mix_64_64_64_128.json", "pose-ce"), ("rows_mix_64_64_128.json", "pose-ce"), ("default_teacher_pose_rows.json", "pose-rows-ce"),
+             ("rows_mix_64_64_64_64_128.json", "pose-ce"), ("rows_mix_64_64_64_128.json", "pose-ce"),
+             ("rows_mix_64_64_128.json", "pose-ce"), ("default_teacher_pose_rows.json", "pose-rows-ce"),
              ("rows_mix_64_96.json", "pose-ce"),
              ("rows_reach_64_64_128.json+rows_reach_64_64_128_seed3_4.json", "pose-ce"), ("rows_reach_128.json", "pose-ce"))
+WINDOW_EVALS = ("in_window", "rows_mix_in_window", "rows_reach_in_window", "seeds3_4_in_window")
 
 
 def roads_mix():
     """CE on skipped positions by how often a step draws rows of one document (only they span the far keys) rather
     than longer rows (only they hold a long prompt's worth of tokens); CE on long documents first, as the target."""
-    at_window = {hay: {name: eval_retrieval.by_distance(m["records"], BOUNDS)
-                       for f in ("in_window", "rows_mix_in_window", "rows_reach_in_window", "seeds3_4_in_window") for name, m in load(f"results/roads/{f}_{hay}.json")["models"].items()}
-                 for hay in ("filler", "text")}
+    at_window = {"filler": {}, "text": {}}  # (OUT, VARIANT) -> 256-512 per seed, from checkpoints OUT/VARIANT-sK/phase2.pt
+    for hay, by_run in at_window.items():
+        for f in WINDOW_EVALS:
+            for name, m in load(f"results/roads/{f}_{hay}.json")["models"].items():
+                run = os.path.dirname(name)
+                key = (os.path.dirname(run), ablate.run_key(os.path.basename(run))[0])
+                by_run.setdefault(key, []).append(eval_retrieval.by_distance(m["records"], BOUNDS)[BUCKETS[-1]])
     rows = []
     for path, variant in ROW_MIXES:  # "a.json+b.json": more seeds of one configuration, pooled
         r = roads_tool.pooled_files([os.path.join(ROOT, "results", "roads", p) for p in path.split("+")])
-        setup = r["setup"]
-        x, cells = roads_tool.road(variant, "", r, variant), ablate.seed_cells(r["cells"], variant)
+        setup, x = r["setup"], roads_tool.road(variant, "", r, variant)
         if variant == "ce-long":
             rows_drawn, share = "long documents (CE on long documents)", "-"
         else:
@@ -215,14 +220,11 @@ def roads_mix():
             rows_drawn = (", ".join(map(str, lens[:-1])) + " or " * (len(lens) > 1) + str(lens[-1]) +
                           (f"; ids reach {ext.pose_reach}" if ext.pose_reach else ""))
             share = str(Fraction(lens.count(setup["short_len"]), len(lens)))
-        out = re.search(r"--out (\S+)", r["command"])[1]  # the window's evals name checkpoints OUT/VARIANT-sK/phase2.pt
-        window = [ablate.spread([by[BUCKETS[-1]] for name, by in at_window[hay].items()
-                                 if os.path.dirname(os.path.dirname(name)) == out and ablate.run_key(os.path.basename(os.path.dirname(name)))[0] == variant])
-                  for hay in ("filler", "text")]
+        out = re.search(r"--out (\S+)", r["command"])[1]
+        window = [ablate.spread(at_window[hay].get((out, variant), [])) for hay in ("filler", "text")]
         far = lambda key: " / ".join(ablate.mean_range(x[key + "acc_by_distance"][b], *x[key + "acc_range"][b])  # noqa: E731
                                      for b in BUCKETS[2:])
-        rows.append([rows_drawn, share, str(x["seeds"]), far(""), far("text_"),
-                     " / ".join(window),
+        rows.append([rows_drawn, share, str(x["seeds"]), far(""), far("text_"), " / ".join(window),
                      f2(x["short_text_loss"]), f2(x["short_passkey_acc"]), f2(x["text_loss_by_quarter"][-1]), f"{x['wall_min']:.1f}"])
     return markdown(["rows drawn per step (tokens)", "steps of one-document rows", "seeds", "filler: 128-256 / 256-512",
                      "held-out text: 128-256 / 256-512", f"{setup['window']}-token prompts, 256-512: filler / text", "short text loss",
