@@ -62,12 +62,30 @@ def _prompts(length, depths, n, seed, digits, text=None):
     return out
 
 
+def prompt_positions(tokens, answer, needle, span=None):
+    """
+    Position ids of one prompt: 0..length-1, or with `span` > length ids that cover `span` positions: the
+    haystack between the needle and the question skips span - length ids at its middle (PoSE's skip, at eval
+    time).  The key then sits as many positions back as in a `span`-token prompt with far fewer tokens between,
+    which tells a key missed for its distance in positions from one missed for the tokens in between.
+    """
+    length = len(tokens)
+    if span is None or span == length:
+        return np.arange(length), 0
+    if span < length:
+        raise ValueError(f"--span {span} is shorter than a prompt of {length} tokens")
+    needle_end = needle - len(data.encode(" The pass key is")) + len(data.needle_tokens(list(tokens[answer:])))
+    cut = (needle_end + answer - len(data.encode(data.QUESTION))) // 2
+    return np.arange(length) + np.where(np.arange(length) >= cut, span - length, 0), span - length
+
+
 @torch.no_grad()
 def passkey(model, vocab, lengths, depths=DEPTHS, n=10, seed=1234, digits=4, greedy=False, batch_tokens=16384, device="cpu",
-            text=None):
+            text=None, span=None):
     """
     Records {length, depth, distance, correct[, greedy]} for every prompt (haystack: the filler, or the held-out
-    documents of the corpus `text`).  The model returns hidden
+    documents of the corpus `text`; distance: positions between the needle's key and the answer; with `span`,
+    prompt_positions' skip, and `tokens`: the tokens between them).  The model returns hidden
     states and only the positions that predict the answer go through the output head, so memory
     never holds [rows, T, V] logits; everything stays on `device` until the records are written.
     """
@@ -79,8 +97,8 @@ def passkey(model, vocab, lengths, depths=DEPTHS, n=10, seed=1234, digits=4, gre
         for i in range(0, len(prompts), rows):
             chunk = prompts[i:i + rows]
             idx = torch.from_numpy(np.stack([vocab(p[0]) for p in chunk])).to(device)  # eval_prompt: exactly `length` tokens
-            pos = torch.arange(length, device=device).expand(len(chunk), length)
-            h = model(idx, pos, hidden_only=True)
+            pos, skips = zip(*(prompt_positions(p[0], p[1], p[2], span) for p in chunk))
+            h = model(idx, torch.from_numpy(np.stack(pos)).to(device), hidden_only=True)
             answers = [p[1] for p in chunk]
             row = torch.from_numpy(np.repeat(np.arange(len(chunk)), [length - a for a in answers])).to(device)
             at = torch.from_numpy(np.concatenate([np.arange(a - 1, length - 1) for a in answers])).to(device)  # predict the key
@@ -88,7 +106,9 @@ def passkey(model, vocab, lengths, depths=DEPTHS, n=10, seed=1234, digits=4, gre
             wrong = torch.zeros(len(chunk), device=device).index_add_(0, row, (pred != idx[row, at + 1]).float())
             correct.append(wrong == 0)
             for r, (tokens, answer, needle, depth) in enumerate(chunk):
-                rec = {"length": length, "depth": depth, "distance": int(answer - needle), "correct": None}
+                rec = {"length": length, "depth": depth, "distance": int(answer - needle + skips[r]), "correct": None}
+                if span:
+                    rec["tokens"] = int(answer - needle)
                 if greedy:
                     rec["greedy"] = _greedy(model, idx[r:r + 1, :answer], length - answer) == idx[r, answer:].tolist()
                 records.append(rec)
@@ -226,6 +246,9 @@ def main(argv=None):
     p.add_argument("--haystack", choices=["filler", "text"], default="filler",
                    help="hide the needle in the repeated filler, or in held-out documents of --data")
     p.add_argument("--data", default=None, help="the corpus of --haystack text (default: Shakespeare, as distill.py)")
+    p.add_argument("--span", type=int, default=None,
+                   help="ids of every prompt cover this many positions: the haystack after the needle skips the rest "
+                        "(a far key behind few tokens; see prompt_positions)")
     p.add_argument("--device", type=str, default="cpu")
     args = p.parse_args(argv)
     for flag, path in (("--json", args.json), ("--png", args.png)):  # before any prompt is evaluated
@@ -237,6 +260,8 @@ def main(argv=None):
             raise ValueError
     except ValueError:
         sys.exit(_fail("--depths must be numbers in [0, 1] and --n >= 1"))
+    if args.span is not None and args.greedy:
+        sys.exit(_fail("--greedy decodes at consecutive positions; it cannot be combined with --span"))
     loaded = []
     for path in args.ckpts:
         try:
@@ -247,8 +272,11 @@ def main(argv=None):
     digits = loaded[0][2]["key_digits"]
     try:
         lengths = parse_lengths(args.lengths) if args.lengths else default_lengths(max(windows))
+        if args.span is not None and args.span < max(lengths):
+            raise ValueError(f"--span {args.span} is shorter than the longest prompt, {max(lengths)} tokens")
         text = data.load_corpus(args.data) if args.haystack == "text" else None
-        results = [passkey(m, v, lengths, depths, args.n, args.seed, digits, args.greedy, device=args.device, text=text)
+        results = [passkey(m, v, lengths, depths, args.n, args.seed, digits, args.greedy, device=args.device, text=text,
+                           span=args.span)
                    for m, v, _ in loaded]
     except (ValueError, data.DataError) as e:
         sys.exit(_fail(str(e)))
@@ -256,7 +284,7 @@ def main(argv=None):
     print(f"passkey retrieval, teacher-forced exact match ({args.n} prompts per cell, haystack: {args.haystack})")
     print(format_table(names, results, lengths, depths))
     short = min(ck["short_len"] for _, _, ck in loaded)
-    buckets = distance_buckets(short, max(lengths))
+    buckets = distance_buckets(short, max(lengths + [args.span or 0]))
     print(f"\nby key distance (tokens between the needle's key and the answer):")
     print(f"{'model':<24}" + "".join(f"{f'{lo}-{hi}':>12}" for lo, hi in buckets))
     for name, recs in zip(names, results):
@@ -274,7 +302,7 @@ def main(argv=None):
         with open(args.json, "w") as fh:
             json.dump({"command": command_line("eval_retrieval.py", argv),
                        "lengths": lengths, "depths": depths, "n": args.n, "seed": args.seed, "haystack": args.haystack,
-                       "prompts_per_cell": args.n, "distance_buckets": [f"{lo}-{hi}" for lo, hi in buckets],
+                       "span": args.span, "prompts_per_cell": args.n, "distance_buckets": [f"{lo}-{hi}" for lo, hi in buckets],
                        "evaluated_on": machine(), "models": models}, fh, indent=1)
         print(f"records -> {args.json}")
     if args.png:

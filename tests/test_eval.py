@@ -114,6 +114,34 @@ def test_passkey_from_answer_positions_equals_full_logits(vocab, tiny_model, whi
         assert {r["correct"] for r in recs} == {True, False}
 
 
+@pytest.mark.parametrize("depth", [0.0, 0.4, 1.0])
+def test_span_skips_ids_inside_the_haystack_after_the_needle(depth):
+    """--span: the ids cover `span` positions, the needle and the question keep consecutive ids, the jump falls
+    in the haystack between them, and the key's distance in positions grows by exactly the skip."""
+    tokens, answer, needle = eval_retrieval.eval_prompt(128, depth, 4321)
+    pos, skip = eval_retrieval.prompt_positions(tokens, answer, needle, span=512)
+    assert skip == 384 and pos[-1] == 511 and (np.diff(pos) >= 1).all()
+    jump = int(np.flatnonzero(np.diff(pos) > 1)[0]) + 1
+    needle_end = needle - len(data.encode(" The pass key is")) + len(data.needle_tokens(tokens[answer:].tolist()))
+    assert needle_end <= jump <= answer - len(data.encode(data.QUESTION))
+    assert pos[answer] - pos[needle] == answer - needle + skip
+    assert (eval_retrieval.prompt_positions(tokens, answer, needle, span=128)[0] == np.arange(128)).all()
+    with pytest.raises(ValueError, match="shorter"):
+        eval_retrieval.prompt_positions(tokens, answer, needle, span=100)
+
+
+def test_span_records_positions_apart_and_tokens_between(vocab):
+    """The Oracle misses where the answer's position is a multiple of 3, so the skip changes which prompts it gets
+    right: proof that passkey() feeds the skipped ids to the model, not 0..length-1."""
+    model = Oracle(len(vocab))
+    plain = eval_retrieval.passkey(model, vocab, [64], n=2, digits=3)
+    for span in (65, 66):
+        skipped = eval_retrieval.passkey(model, vocab, [64], n=2, digits=3, span=span)
+        assert [r["distance"] + 64 - span for r in skipped] == [r["tokens"] for r in skipped] == [r["distance"] for r in plain]
+    shift = [r["correct"] for r in eval_retrieval.passkey(model, vocab, [64], n=2, digits=3, span=65)]
+    assert shift != [r["correct"] for r in plain]
+
+
 @torch.no_grad()
 def full_logit_text_loss(model, vocab, corpus, window, n_windows, buckets=4, seed=0):
     rng = np.random.default_rng(seed)

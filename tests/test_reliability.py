@@ -228,6 +228,16 @@ def test_eval_names_the_flag_of_bad_lengths(teacher_run):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--lengths" in r.stderr
 
 
+@pytest.mark.parametrize("argv,flag", [(["--lengths", "64,128", "--span", "100"], "--span 100"),
+                                       (["--span", "600", "--greedy"], "--greedy")])
+def test_eval_refuses_a_span_it_cannot_honour(teacher_run, capsys, argv, flag):
+    import eval_retrieval
+    with pytest.raises(SystemExit) as e:
+        eval_retrieval.main([os.path.join(teacher_run, "phase0.pt"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and flag in err
+
+
 def test_more_bad_inputs_fail_in_one_line_before_any_work(teacher_run, tiny_corpus_dir, tmp_path, capsys):
     """An --out that cannot be created; an --init of another student shape, with no teacher trained yet (the error
     must not wait for it); ablate --seeds 0; an eval whose --png folder does not exist (before any prompt runs)."""

@@ -194,8 +194,22 @@ ROW_MIXES = (("default_teacher_packed.json+ce_long_seed3_4.json", "ce-long"), ("
              ("rows_mix_64_64_64_64_128.json", "pose-ce"), ("rows_mix_64_64_64_128.json", "pose-ce"),
              ("rows_mix_64_64_128.json", "pose-ce"), ("default_teacher_pose_rows.json", "pose-rows-ce"),
              ("rows_mix_64_96.json", "pose-ce"),
-             ("rows_reach_64_64_128.json+rows_reach_64_64_128_seed3_4.json", "pose-ce"), ("rows_reach_128.json", "pose-ce"))
-WINDOW_EVALS = ("in_window", "rows_mix_in_window", "rows_reach_in_window", "seeds3_4_in_window")
+             ("rows_reach_64_64_128.json+rows_reach_64_64_128_seed3_4.json", "pose-ce"), ("rows_reach_128.json", "pose-ce"),
+             ("no_filler_ce_long.json", "ce-long"), ("no_filler_rows_reach.json", "pose-ce"))
+WINDOW_EVALS = ("in_window", "rows_mix_in_window", "rows_reach_in_window", "seeds3_4_in_window", "no_filler_in_window")
+
+
+def row_mixes():
+    """(ablate results, variant, its run folder, rows, filler share) of every ROW_MIXES entry; "a.json+b.json": more
+    seeds of one configuration, pooled.  rows: the rows drawn per step and the reach of their ids (None: long
+    documents); filler share: the share of documents that are passkeys in the eval's own filler format."""
+    for path, variant in ROW_MIXES:
+        r = roads_tool.pooled_files([os.path.join(ROOT, "results", "roads", p) for p in path.split("+")])
+        ext = roads_tool.extension_args(r["setup"], variant)
+        lens = distill.pose_lens(ext)
+        rows = None if variant == "ce-long" else (", ".join(map(str, lens[:-1])) + " or " * (len(lens) > 1) + str(lens[-1]) +
+                                                  (f"; ids reach {ext.pose_reach}" if ext.pose_reach else ""))
+        yield r, variant, re.search(r"--out (\S+)", r["command"])[1], rows, ext.passkey_frac * ext.filler_frac
 
 
 def roads_mix():
@@ -209,26 +223,43 @@ def roads_mix():
                 key = (os.path.dirname(run), ablate.run_key(os.path.basename(run))[0])
                 by_run.setdefault(key, []).append(eval_retrieval.by_distance(m["records"], BOUNDS)[BUCKETS[-1]])
     rows = []
-    for path, variant in ROW_MIXES:  # "a.json+b.json": more seeds of one configuration, pooled
-        r = roads_tool.pooled_files([os.path.join(ROOT, "results", "roads", p) for p in path.split("+")])
+    for r, variant, out, rows_drawn, filler in row_mixes():
         setup, x = r["setup"], roads_tool.road(variant, "", r, variant)
-        if variant == "ce-long":
-            rows_drawn, share = "long documents (CE on long documents)", "-"
-        else:
-            ext = roads_tool.extension_args(setup, variant)
-            lens = distill.pose_lens(ext)
-            rows_drawn = (", ".join(map(str, lens[:-1])) + " or " * (len(lens) > 1) + str(lens[-1]) +
-                          (f"; ids reach {ext.pose_reach}" if ext.pose_reach else ""))
-            share = str(Fraction(lens.count(setup["short_len"]), len(lens)))
-        out = re.search(r"--out (\S+)", r["command"])[1]
+        rows_drawn = rows_drawn or "long documents (CE on long documents)"
+        lens = distill.pose_lens(roads_tool.extension_args(setup, variant))
+        share = "-" if variant == "ce-long" else str(Fraction(lens.count(setup["short_len"]), len(lens)))
         window = [ablate.spread(at_window[hay].get((out, variant), [])) for hay in ("filler", "text")]
         far = lambda key: " / ".join(ablate.mean_range(x[key + "acc_by_distance"][b], *x[key + "acc_range"][b])  # noqa: E731
                                      for b in BUCKETS[2:])
-        rows.append([rows_drawn, share, str(x["seeds"]), far(""), far("text_"), " / ".join(window),
+        rows.append([rows_drawn, share, f"{filler:.0%}", str(x["seeds"]), far(""), far("text_"), " / ".join(window),
                      f2(x["short_text_loss"]), f2(x["short_passkey_acc"]), f2(x["text_loss_by_quarter"][-1]), f"{x['wall_min']:.1f}"])
-    return markdown(["rows drawn per step (tokens)", "steps of one-document rows", "seeds", "filler: 128-256 / 256-512",
+    return markdown(["rows drawn per step (tokens)", "steps of one-document rows", "documents in the eval's filler format", "seeds", "filler: 128-256 / 256-512",
                      "held-out text: 128-256 / 256-512", f"{setup['window']}-token prompts, 256-512: filler / text", "short text loss",
                      f"passkey at {setup['short_len']}", "loss, the window's last quarter", "minutes per run"], rows)
+
+
+def roads_span():
+    """Keys 256-511 positions back, the question at the window's last id, behind fewer tokens: prompts of 64-512
+    tokens whose ids skip the rest of the window inside the haystack (eval_retrieval.py --span)."""
+    labels = {(out, variant): ("CE on long documents" if rows is None else f"CE with skipped positions, rows of {rows}") +
+              ("; no filler-format passkeys" if filler == 0 else "") for _, variant, out, rows, filler in row_mixes()}
+    labels[("", "teacher")] = roads_tool.LABELS["teacher"]
+    per_hay = []
+    for hay in ("filler", "text"):
+        f = load(f"results/roads/span_{hay}.json")
+        lengths, lo, hi = f["lengths"], *BOUNDS[-1]
+        runs = {}
+        for name, m in f["models"].items():
+            run = os.path.dirname(name)
+            key = ("", "teacher") if os.path.basename(name) == "phase0.pt" else \
+                (os.path.dirname(run), ablate.run_key(os.path.basename(run))[0])
+            runs.setdefault(key, []).append({L: eval_retrieval.accuracy(
+                [r for r in m["records"] if lo <= r["distance"] < hi], length=L) for L in lengths})
+        per_hay.append(runs)
+    rows = [[labels[key], str(len(seeds)), *(seed_spreads(runs[key], lengths) for runs in per_hay)]
+            for key, seeds in per_hay[0].items()]
+    head = " / ".join(map(str, lengths))
+    return markdown(["model", "seeds", f"filler, prompt tokens {head} (ids reach {f['span']})", "held-out text: the same"], rows)
 
 
 def roads_attention():
@@ -557,7 +588,7 @@ def long_range_hypotheses():
                      "KD's reach"], out)
 
 
-TABLES = {"quickstart": quickstart, "spread": spread, "spread_summary": spread_summary, "roads": roads, "roads_strongest": roads_strongest, "roads_price": roads_price, "roads_attention": roads_attention, "roads_in_window": roads_in_window, "roads_near_key": roads_near_key, "roads_rows": roads_rows, "roads_mix": roads_mix, "headline": headline, "rope_rules": rope_rules,
+TABLES = {"quickstart": quickstart, "spread": spread, "spread_summary": spread_summary, "roads": roads, "roads_strongest": roads_strongest, "roads_price": roads_price, "roads_attention": roads_attention, "roads_in_window": roads_in_window, "roads_near_key": roads_near_key, "roads_rows": roads_rows, "roads_mix": roads_mix, "roads_span": roads_span, "headline": headline, "rope_rules": rope_rules,
           "budget": budget, "head_dim": head_dim, "data_mix": data_mix, "designs": designs,
           "long_range_hypotheses": long_range_hypotheses, "fixed_base_rows": fixed_base_rows, "bound_base_rows": bound_base_rows,
           "bench_cpu": bench_cpu, "factors": factors, "teacher_view": teacher_view, "findings": findings, "rope_schedules": rope_schedules, "query_updates": query_updates,
