@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ablate
+from ablate import distill
 import data
 import eval_retrieval
 from model import GPT, GPTConfig
@@ -159,11 +160,11 @@ def test_smoke_runs_the_cpu_ablation_path(tmp_path, capsys):
     """--smoke: the cpu preset's real path (both teachers, phase 1, the variants, evaluation, summary) with tiny models."""
     results = tmp_path / "ablation.json"
     code = ablate.main(["--smoke", "--preset", "cpu", "--out", str(tmp_path / "runs"), "--results", str(results),
-                        "--png", "", "--variants", "kd,ce,kd-fixed,kd-mismatch,ce-long,pose-kd,pose-ce,pose-rows-ce"])
+                        "--png", "", "--variants", "kd,ce,kd-fixed,kd-mismatch,ce-long,pose-kd,pose-ce,pose-rows-ce,pose-far-ce"])
     assert code == 0
     r = json.loads(results.read_text())
     assert set(r["cells"]) == {"teacher", "phase1", "kd-s0", "ce-s0", "kd-fixed-s0", "kd-mismatch-s0", "ce-long-s0",
-                               "pose-kd-s0", "pose-ce-s0", "pose-rows-ce-s0"}
+                               "pose-kd-s0", "pose-ce-s0", "pose-rows-ce-s0", "pose-far-ce-s0"}
     assert (tmp_path / "runs" / "shared_docmask" / "phase0.pt").exists()  # kd-mismatch's own, document-masked teacher
     s = r["summary"]
     assert s["seeds"] == 1 and (s["long_distance_from"], s["long_distance_to"]) == (256, 512) and s["rope"] == "bound"
@@ -180,7 +181,7 @@ def test_smoke_runs_the_cpu_ablation_path(tmp_path, capsys):
     import roads
     assert roads.main([str(results), "--out", str(tmp_path / "roads.json")]) == 0
     s = {x["name"]: x for x in json.loads((tmp_path / "roads.json").read_text())["roads"]}
-    assert list(s) == ["teacher", "phase1", "ce-long", "kd", "ce", "pose-kd", "pose-ce", "pose-rows-ce"]
+    assert list(s) == ["teacher", "phase1", "ce-long", "kd", "ce", "pose-kd", "pose-ce", "pose-rows-ce", "pose-far-ce"]
     for x in s.values():
         assert set(x["acc_by_distance"]) == set(x["text_acc_by_distance"]) == {"0-64", "64-128", "128-256", "256-512"}
         assert all(r[0] <= x["acc_by_distance"][k] <= r[1] for k, r in x["acc_range"].items() if r)
@@ -193,13 +194,40 @@ def test_smoke_runs_the_cpu_ablation_path(tmp_path, capsys):
     # rows of 64 or 128, one length per step: (8 * 64^2 + 4 * 128^2) / 2 = 3/16 of one 512-token row's
     assert s["pose-rows-ce"]["attention_gflop_per_step"] * 16 / 3 == pytest.approx(s["ce"]["attention_gflop_per_step"])
     assert "PoSE: rows of 64 or 128 in 2 chunks" in (tmp_path / "runs" / "pose-rows-ce-s0" / "train.log").read_text()
+    # rows of 64 or 256: (8 * 64^2 + 2 * 256^2) / 2 = 5/16; their ids reach 512 + 3 * 64
+    assert s["pose-far-ce"]["attention_gflop_per_step"] * 16 / 5 == pytest.approx(s["ce"]["attention_gflop_per_step"])
+    assert "rows of 64 or 256 in 2 chunks, ids < 704" in (tmp_path / "runs" / "pose-far-ce-s0" / "train.log").read_text()
+    # --alias: pose-ce cells run with the flags that make pose-far-ce join the summary under that name; without, refused
+    r = json.loads(results.read_text())
+    r["cells"] = {k: v for k, v in r["cells"].items() if k in ("teacher", "phase1", "pose-ce-s0")}
+    r["variants"] = {k: r["variants"][k] for k in ("teacher", "phase1", "pose-ce")}
+    for flags, code in (("--pose_len 64,256 --pose_reach 704", 0), ("--pose_len 64,128 --pose_reach 704", 2), ("", 2)):
+        (tmp_path / "flagged.json").write_text(json.dumps({**r, "setup": {**r["setup"], "flags": flags}}))
+        assert roads.main([str(results), "--alias", f"pose-far-ce={tmp_path / 'flagged.json'}", "--out",
+                           str(tmp_path / "aliased.json")]) == code
+    far = {x["name"]: x for x in json.loads((tmp_path / "aliased.json").read_text())["roads"]}["pose-far-ce"]
+    assert far["seeds"] == 1 and far["acc_by_distance"] == s["pose-ce"]["acc_by_distance"]  # pose-ce-s0's cells, renamed
+    assert "is not pose-far-ce's extension phase" in capsys.readouterr().err
 
 
 def test_pose_rows_are_one_and_two_short_windows_at_any_preset():
     """The rows variants name their lengths through the short window, so a preset with another one keeps them valid."""
-    assert ablate.variant_flags("pose-rows-ce", 512)[-2:] == ["--pose_len", "512,1024"]
-    assert ablate.variant_flags("kd-control", 64)[-2:] == ["--windows", "64,64"]
-    assert ablate.variant_flags("pose-ce", 64) == ablate.VARIANTS["pose-ce"]
+    assert ablate.variant_flags("pose-rows-ce", 512, 4096)[-2:] == ["--pose_len", "512,1024"]
+    assert ablate.variant_flags("kd-control", 64, 512)[-2:] == ["--windows", "64,64"]
+    assert ablate.variant_flags("pose-ce", 64, 512) == ablate.VARIANTS["pose-ce"]
+
+
+def test_pose_far_is_the_flags_it_was_measured_with():
+    """pose-far-ce = pose-ce with --pose_len 64,256 --pose_reach 704 at the default windows (the runs of record were
+    made with those flags), and at any windows a document in a row of four spans exactly the whole window."""
+    ext = lambda extra: vars(distill.parse_args(["--phase", "2", "--windows", "64,512", *extra]))  # noqa: E731
+    assert ext(ablate.variant_flags("pose-far-ce", 64, 512)) == ext([*ablate.VARIANTS["pose-ce"], "--pose_len", "64,256",
+                                                                      "--pose_reach", "704"])
+    for short, window in ((64, 512), (128, 2048)):
+        args = distill.parse_args(["--phase", "2", "--short_len", str(short), "--windows", f"{short},{window}",
+                                   *ablate.variant_flags("pose-far-ce", short, window)])
+        row = max(distill.pose_lens(args))
+        assert row == 4 * short and short - 1 + args.pose_reach - row == window - 1
 
 
 def test_a_run_cut_short_continues_on_the_next_invocation(tmp_path, monkeypatch):

@@ -90,11 +90,12 @@ def quickstart():
             f"min, phase 2 {t[2]:.1f} min.")
 
 
-def roads(also=False):
+def roads(also=False, only=None):
     """The roads from short data to the long window (tools/roads.py -> results/roads/summary.json): those from the
-    default teacher and phase 1, or (also) those of another setup, named FILE/VARIANT."""
+    default teacher and phase 1 (only: those named), or (also) those of another setup, named FILE/VARIANT."""
     r = load("results/roads/summary.json")
-    rows, chosen = [], [x for x in r["roads"] if not x["name"].endswith("-control") and ("/" in x["name"]) == also]
+    rows, chosen = [], [x for x in r["roads"] if not x["name"].endswith("-control") and ("/" in x["name"]) == also
+                        and (only is None or x["name"] in only)]
     for road in chosen:
         def cell(key, rng):  # a bucket no prompt fell into has mean and range None
             mean, span = road[key][rng], road[key.replace("acc_by_distance", "acc_range")][rng]
@@ -110,6 +111,11 @@ def roads(also=False):
                      "held-out text haystack: the same", "reach (filler)", "short text loss",
                      f"passkey at {chosen[0]['short_len']}",
                      "tokens trained", "attention GFLOP / step", "minutes per run"], rows)
+
+
+def roads_headline():
+    """The roads `python tools/ablate.py` runs, with the teacher and phase 1."""
+    return roads(only=("teacher", "phase1", *ablate.HEADLINE))
 
 
 def roads_strongest():
@@ -195,8 +201,10 @@ ROW_MIXES = (("default_teacher_packed.json+ce_long_seed3_4.json", "ce-long"), ("
              ("rows_mix_64_64_128.json", "pose-ce"), ("default_teacher_pose_rows.json", "pose-rows-ce"),
              ("rows_mix_64_96.json", "pose-ce"),
              ("rows_reach_64_64_128.json+rows_reach_64_64_128_seed3_4.json", "pose-ce"), ("rows_reach_128.json", "pose-ce"),
+             ("rows_reach_64_64_256.json", "pose-ce"), ("rows_reach_64_256.json+rows_reach_64_256_seed3_4.json", "pose-ce"),
              ("no_filler_ce_long.json", "ce-long"), ("no_filler_rows_reach.json", "pose-ce"))
-WINDOW_EVALS = ("in_window", "rows_mix_in_window", "rows_reach_in_window", "seeds3_4_in_window", "no_filler_in_window")
+WINDOW_EVALS = ("in_window", "rows_mix_in_window", "rows_reach_in_window", "seeds3_4_in_window", "no_filler_in_window",
+                "rows256_in_window")
 
 
 def row_mixes():
@@ -588,7 +596,7 @@ def long_range_hypotheses():
                      "KD's reach"], out)
 
 
-TABLES = {"quickstart": quickstart, "spread": spread, "spread_summary": spread_summary, "roads": roads, "roads_strongest": roads_strongest, "roads_price": roads_price, "roads_attention": roads_attention, "roads_in_window": roads_in_window, "roads_near_key": roads_near_key, "roads_rows": roads_rows, "roads_mix": roads_mix, "roads_span": roads_span, "headline": headline, "rope_rules": rope_rules,
+TABLES = {"quickstart": quickstart, "spread": spread, "spread_summary": spread_summary, "roads": roads, "roads_headline": roads_headline, "roads_strongest": roads_strongest, "roads_price": roads_price, "roads_attention": roads_attention, "roads_in_window": roads_in_window, "roads_near_key": roads_near_key, "roads_rows": roads_rows, "roads_mix": roads_mix, "roads_span": roads_span, "headline": headline, "rope_rules": rope_rules,
           "budget": budget, "head_dim": head_dim, "data_mix": data_mix, "designs": designs,
           "long_range_hypotheses": long_range_hypotheses, "fixed_base_rows": fixed_base_rows, "bound_base_rows": bound_base_rows,
           "bench_cpu": bench_cpu, "factors": factors, "teacher_view": teacher_view, "findings": findings, "rope_schedules": rope_schedules, "query_updates": query_updates,

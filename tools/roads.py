@@ -5,7 +5,7 @@ and their short-context price -- one summary (and figure) of tools/ablate.py res
     python tools/roads.py DEFAULT.json [MORE.json] [--also STRONG.json] [--attention ATT.json] --out results/roads/summary.json
 
 DEFAULT.json [MORE.json ...]: ablate runs of the default teacher and phase 1 with the variants kd, ce, ce-long,
-pose-kd, pose-ce, pose-rows-kd, pose-rows-ce and the controls kd-control, ce-control (phase 1 and the teacher come with the first; several
+pose-kd, pose-ce, pose-rows-kd, pose-rows-ce, pose-far-ce and the controls kd-control, ce-control (phase 1 and the teacher come with the first; several
 files are pooled); --also: further ablate runs (another teacher or phase 1,
 e.g. the strongest KD configuration of results/long_range), each variant a road named FILE-STEM/VARIANT.
 Per road: passkey exact match by key distance in two haystacks (the eval's filler and held-out text), seed
@@ -37,6 +37,7 @@ LABELS = {"teacher": "the teacher (long documents, window 512)", "phase1": "phas
           "pose-ce": "CE on short rows with skipped positions (PoSE)",
           "pose-rows-kd": "KD, skipped positions, rows of 1-2 documents",
           "pose-rows-ce": "CE, skipped positions, rows of 1-2 documents",
+          "pose-far-ce": "CE, skipped positions, rows of 1 or 4 documents spanning the window",
           # the same steps at phase 1's own window and base: what training alone does to the short context
           "kd-control": "control: KD at phase 1's window, no extension", "ce-control": "control: CE at phase 1's window, no extension"}
 
@@ -49,7 +50,7 @@ def extension_args(setup, variant):
     """The distill.py arguments of a variant's extension phase, from an ablate file's setup."""
     short, window = setup["short_len"], setup["window"]
     return distill.parse_args(["--phase", "2", *setup["flags"].split(), "--batch", str(setup["batch"]),
-                               "--windows", f"{short},{window}", *ablate.variant_flags(variant, short)])
+                               "--windows", f"{short},{window}", *ablate.variant_flags(variant, short, window)])
 
 
 def step_cost(setup, variant):
@@ -91,21 +92,39 @@ def road(name, label, r, variant, untimed=()):
     return out
 
 
+def check_setup(other, r, path, first="the default files"):
+    keys = ("short_len", "window", "steps", "batch", "prompts_per_cell", "teacher")
+    if any(other["setup"][k] != r["setup"][k] for k in keys):
+        raise ValueError(f"{path} has another setup than {first} ({', '.join(keys)} must agree)")
+
+
 def pooled_files(paths):
     """Several ablate files of one teacher, phase 1 and setup (say, the PoSE roads and the packed ones, run side
     by side) as one: their variants' cells together, teacher and phase 1 from the first."""
     r = load(paths[0])
     for path in paths[1:]:
         other = load(path)
-        keys = ("short_len", "window", "steps", "batch", "prompts_per_cell", "teacher")
-        if any(other["setup"][k] != r["setup"][k] for k in keys):
-            raise ValueError(f"{path} has another setup than {paths[0]} ({', '.join(keys)} must agree)")
+        check_setup(other, r, path, paths[0])
         r["cells"].update({k: v for k, v in other["cells"].items() if k not in ("teacher", "phase1")})
     return r
 
 
-def summarise(default, also=(), attention=None, untimed=()):
+def add_alias(r, spec):
+    """ROAD=A.json[+B.json]: the one trained variant of those ablate files, run with --flags, is the named variant
+    ROAD of the default setup -- its cells join r as ROAD-sK, once the flags are checked to make ROAD's extension."""
+    name, paths = spec.split("=", 1)
+    ra = pooled_files(paths.split("+"))
+    check_setup(ra, r, paths)
+    (variant,) = [v for v in ra["variants"] if v not in ("teacher", "phase1")]
+    if vars(extension_args(ra["setup"], variant)) != vars(extension_args(r["setup"], name)):
+        raise ValueError(f"{paths}: {variant} with --flags '{ra['setup']['flags']}' is not {name}'s extension phase")
+    r["cells"].update({f"{name}-s{ablate.run_key(k)[1]}": c for k, c in ra["cells"].items() if ablate.run_key(k)[0] == variant})
+
+
+def summarise(default, also=(), attention=None, untimed=(), aliases=()):
     r = pooled_files(default)
+    for spec in aliases:
+        add_alias(r, spec)
     roads = [road(v, LABELS[v], r, v, untimed) for v in LABELS if ablate.seed_cells(r["cells"], v)]
     for path in also:  # another teacher or phase 1: theirs first, then the file's roads
         ra, stem = load(path), os.path.splitext(os.path.basename(path))[0]
@@ -158,16 +177,23 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("default", nargs="+", help="tools/ablate.py results of the default teacher and phase 1 (several: pooled)")
     p.add_argument("--also", nargs="*", default=[], help="further ablate results files, each variant a road")
+    p.add_argument("--alias", nargs="*", default=[], help="ROAD=A.json[+B.json]: ablate runs of one variant with --flags "
+                   "that make the named variant ROAD (checked), e.g. pose-far-ce=pose_ce_runs.json")
     p.add_argument("--attention", default=None, help="a tools/long_range.py --attention file (model names = road names)")
     p.add_argument("--untimed", default="", help="cells (NAME-sK) whose recorded training time is incomplete (a run killed "
                    "and resumed before checkpoints kept their time): left out of the minutes per run")
     p.add_argument("--out", required=True, help="summary JSON (and a figure beside it, .png)")
     args = p.parse_args(argv)
-    for path in [*args.default, *args.also, *([args.attention] if args.attention else [])]:
+    aliased = [p for a in args.alias for p in a.partition("=")[2].split("+")]
+    for path in [*args.default, *args.also, *aliased, *([args.attention] if args.attention else [])]:
         if not os.path.isfile(path):
             print(f"error: {path}: no such results file", file=sys.stderr)
             return 2
-    s = summarise(args.default, args.also, args.attention, args.untimed.split(",") if args.untimed else ())
+    try:
+        s = summarise(args.default, args.also, args.attention, args.untimed.split(",") if args.untimed else (), args.alias)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     s["command"] = eval_retrieval.command_line("tools/roads.py", argv)
     with open(args.out, "w") as fh:
         json.dump(s, fh, indent=1)
