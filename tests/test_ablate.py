@@ -207,7 +207,9 @@ def test_smoke_runs_the_cpu_ablation_path(tmp_path, capsys):
                            str(tmp_path / "aliased.json")]) == code
     far = {x["name"]: x for x in json.loads((tmp_path / "aliased.json").read_text())["roads"]}["pose-far-ce"]
     assert far["seeds"] == 1 and far["acc_by_distance"] == s["pose-ce"]["acc_by_distance"]  # pose-ce-s0's cells, renamed
-    assert "is not pose-far-ce's extension phase" in capsys.readouterr().err
+    assert roads.main([str(results), "--alias", f"no-such-road={tmp_path / 'flagged.json'}", "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "is not pose-far-ce's extension phase" in err and "expected ROAD=A.json" in err
 
 
 def test_pose_rows_are_one_and_two_short_windows_at_any_preset():

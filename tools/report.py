@@ -202,22 +202,26 @@ ROW_MIXES = (("default_teacher_packed.json+ce_long_seed3_4.json", "ce-long"), ("
              ("rows_mix_64_96.json", "pose-ce"),
              ("rows_reach_64_64_128.json+rows_reach_64_64_128_seed3_4.json", "pose-ce"), ("rows_reach_128.json", "pose-ce"),
              ("rows_reach_64_64_256.json", "pose-ce"), ("rows_reach_64_256.json+rows_reach_64_256_seed3_4.json", "pose-ce"),
-             ("no_filler_ce_long.json", "ce-long"), ("no_filler_rows_reach.json", "pose-ce"))
+             ("rows_reach_64_256_kd.json", "pose-kd"), ("no_filler_ce_long.json", "ce-long"), ("no_filler_rows_reach.json", "pose-ce"))
 WINDOW_EVALS = ("in_window", "rows_mix_in_window", "rows_reach_in_window", "seeds3_4_in_window", "no_filler_in_window",
-                "rows256_in_window")
+                "rows256_in_window", "far_kd_in_window")
 
 
 def row_mixes():
-    """(ablate results, variant, its run folder, rows, filler share) of every ROW_MIXES entry; "a.json+b.json": more
-    seeds of one configuration, pooled.  rows: the rows drawn per step and the reach of their ids (None: long
-    documents); filler share: the share of documents that are passkeys in the eval's own filler format."""
+    """(ablate results, variant, its run folder, the extension phase's arguments) of every ROW_MIXES entry;
+    "a.json+b.json": more seeds of one configuration, pooled."""
     for path, variant in ROW_MIXES:
         r = roads_tool.pooled_files([os.path.join(ROOT, "results", "roads", p) for p in path.split("+")])
-        ext = roads_tool.extension_args(r["setup"], variant)
-        lens = distill.pose_lens(ext)
-        rows = None if variant == "ce-long" else (", ".join(map(str, lens[:-1])) + " or " * (len(lens) > 1) + str(lens[-1]) +
-                                                  (f"; ids reach {ext.pose_reach}" if ext.pose_reach else ""))
-        yield r, variant, re.search(r"--out (\S+)", r["command"])[1], rows, ext.passkey_frac * ext.filler_frac
+        yield r, variant, re.search(r"--out (\S+)", r["command"])[1], roads_tool.extension_args(r["setup"], variant)
+
+
+def rows_drawn(ext):
+    """The PoSE rows drawn per step and the reach of their ids, e.g. '64 or 256; ids reach 704' (None: long documents)."""
+    if ext.data_mode == "long":
+        return None
+    lens = distill.pose_lens(ext)
+    return (", ".join(map(str, lens[:-1])) + " or " * (len(lens) > 1) + str(lens[-1]) +
+            (f"; ids reach {ext.pose_reach}" if ext.pose_reach else "") + ("; KD" if distill.uses_teacher(ext, 2) else ""))
 
 
 def roads_mix():
@@ -231,15 +235,15 @@ def roads_mix():
                 key = (os.path.dirname(run), ablate.run_key(os.path.basename(run))[0])
                 by_run.setdefault(key, []).append(eval_retrieval.by_distance(m["records"], BOUNDS)[BUCKETS[-1]])
     rows = []
-    for r, variant, out, rows_drawn, filler in row_mixes():
+    for r, variant, out, ext in row_mixes():
         setup, x = r["setup"], roads_tool.road(variant, "", r, variant)
-        rows_drawn = rows_drawn or "long documents (CE on long documents)"
-        lens = distill.pose_lens(roads_tool.extension_args(setup, variant))
+        lens = distill.pose_lens(ext)
         share = "-" if variant == "ce-long" else str(Fraction(lens.count(setup["short_len"]), len(lens)))
         window = [ablate.spread(at_window[hay].get((out, variant), [])) for hay in ("filler", "text")]
         far = lambda key: " / ".join(ablate.mean_range(x[key + "acc_by_distance"][b], *x[key + "acc_range"][b])  # noqa: E731
                                      for b in BUCKETS[2:])
-        rows.append([rows_drawn, share, f"{filler:.0%}", str(x["seeds"]), far(""), far("text_"), " / ".join(window),
+        rows.append([rows_drawn(ext) or "long documents (CE on long documents)", share,
+                     f"{ext.passkey_frac * ext.filler_frac:.0%}", str(x["seeds"]), far(""), far("text_"), " / ".join(window),
                      f2(x["short_text_loss"]), f2(x["short_passkey_acc"]), f2(x["text_loss_by_quarter"][-1]), f"{x['wall_min']:.1f}"])
     return markdown(["rows drawn per step (tokens)", "steps of one-document rows", "documents in the eval's filler format", "seeds", "filler: 128-256 / 256-512",
                      "held-out text: 128-256 / 256-512", f"{setup['window']}-token prompts, 256-512: filler / text", "short text loss",
@@ -249,8 +253,9 @@ def roads_mix():
 def roads_span():
     """Keys 256-511 positions back, the question at the window's last id, behind fewer tokens: prompts of 64-512
     tokens whose ids skip the rest of the window inside the haystack (eval_retrieval.py --span)."""
-    labels = {(out, variant): ("CE on long documents" if rows is None else f"CE with skipped positions, rows of {rows}") +
-              ("; no filler-format passkeys" if filler == 0 else "") for _, variant, out, rows, filler in row_mixes()}
+    labels = {(out, variant): ("CE on long documents" if ext.data_mode == "long" else
+                               f"CE with skipped positions, rows of {rows_drawn(ext)}") +
+              ("; no filler-format passkeys" if ext.filler_frac == 0 else "") for _, variant, out, ext in row_mixes()}
     labels[("", "teacher")] = roads_tool.LABELS["teacher"]
     per_hay = []
     for hay in ("filler", "text"):

@@ -112,10 +112,15 @@ def pooled_files(paths):
 def add_alias(r, spec):
     """ROAD=A.json[+B.json]: the one trained variant of those ablate files, run with --flags, is the named variant
     ROAD of the default setup -- its cells join r as ROAD-sK, once the flags are checked to make ROAD's extension."""
-    name, paths = spec.split("=", 1)
+    name, _, paths = spec.partition("=")
+    if name not in LABELS or not paths:
+        raise ValueError(f"--alias {spec}: expected ROAD=A.json[+B.json], ROAD one of {', '.join(LABELS)}")
     ra = pooled_files(paths.split("+"))
     check_setup(ra, r, paths)
-    (variant,) = [v for v in ra["variants"] if v not in ("teacher", "phase1")]
+    trained = [v for v in ra["variants"] if v not in ("teacher", "phase1")]
+    if len(trained) != 1:
+        raise ValueError(f"{paths}: --alias needs runs of one variant, found {', '.join(trained) or 'none'}")
+    variant = trained[0]
     if vars(extension_args(ra["setup"], variant)) != vars(extension_args(r["setup"], name)):
         raise ValueError(f"{paths}: {variant} with --flags '{ra['setup']['flags']}' is not {name}'s extension phase")
     r["cells"].update({f"{name}-s{ablate.run_key(k)[1]}": c for k, c in ra["cells"].items() if ablate.run_key(k)[0] == variant})
