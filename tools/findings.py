@@ -265,7 +265,7 @@ def main(argv=None):
         sys.exit(f"error: {len(missing)} checkpoints missing, first {missing[0]} (train them: see --help)")
     command = eval_retrieval.command_line("tools/findings.py", argv)
     with torch.no_grad():  # a context, not a global switch: tests call main() in their own process
-        return run(args, seeds, ckpt, command.strip())
+        return run(args, seeds, ckpt, command)
 
 
 def run(args, seeds, ckpt, command):

@@ -132,14 +132,21 @@ def roads_price():
                      for x in r["roads"] if x["name"] != "teacher" and "/" not in x["name"]])
 
 
+def run_of(name):
+    """An eval file's model name -> (run folder, variant): OUT/VARIANT-sK/phase2.pt -> (OUT, VARIANT); the teacher's
+    and phase 1's checkpoints (phase0.pt, phase1.pt) -> ("", "teacher"), ("", "phase1")."""
+    base, run = os.path.basename(name), os.path.dirname(name)
+    if base in ("phase0.pt", "phase1.pt"):
+        return "", {"phase0.pt": "teacher", "phase1.pt": "phase1"}[base]
+    return os.path.dirname(run), ablate.run_key(os.path.basename(run))[0]
+
+
 def by_road(path, measure):
     """An eval_retrieval.py --json file of the roads' checkpoints, grouped by road (phase0.pt: the teacher, phase1.pt:
     phase 1, ROAD-sK/phase2.pt: seed K of ROAD): {road: [measure(records) per seed]}."""
     out = {}
     for name, m in load(path)["models"].items():
-        base = os.path.basename(name)
-        road = {"phase0.pt": "teacher", "phase1.pt": "phase1"}.get(base) or ablate.run_key(os.path.basename(os.path.dirname(name)))[0]
-        out.setdefault(road, []).append(measure(m["records"]))
+        out.setdefault(run_of(name)[1], []).append(measure(m["records"]))
     return out
 
 
@@ -231,9 +238,7 @@ def roads_mix():
     for hay, by_run in at_window.items():
         for f in WINDOW_EVALS:
             for name, m in load(f"results/roads/{f}_{hay}.json")["models"].items():
-                run = os.path.dirname(name)
-                key = (os.path.dirname(run), ablate.run_key(os.path.basename(run))[0])
-                by_run.setdefault(key, []).append(eval_retrieval.by_distance(m["records"], BOUNDS)[BUCKETS[-1]])
+                by_run.setdefault(run_of(name), []).append(eval_retrieval.by_distance(m["records"], BOUNDS)[BUCKETS[-1]])
     rows = []
     for r, variant, out, ext in row_mixes():
         setup, x = r["setup"], roads_tool.road(variant, "", r, variant)
@@ -263,10 +268,7 @@ def roads_span():
         lengths, lo, hi = f["lengths"], *BOUNDS[-1]
         runs = {}
         for name, m in f["models"].items():
-            run = os.path.dirname(name)
-            key = ("", "teacher") if os.path.basename(name) == "phase0.pt" else \
-                (os.path.dirname(run), ablate.run_key(os.path.basename(run))[0])
-            runs.setdefault(key, []).append({L: eval_retrieval.accuracy(
+            runs.setdefault(run_of(name), []).append({L: eval_retrieval.accuracy(
                 [r for r in m["records"] if lo <= r["distance"] < hi], length=L) for L in lengths})
         per_hay.append(runs)
     rows = [[labels[key], str(len(seeds)), *(seed_spreads(runs[key], lengths) for runs in per_hay)]
